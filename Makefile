@@ -1,0 +1,60 @@
+# drp-campaign: `make demo` runs the plan on the embedded default, `make test` runs every check.
+# Both create .venv with the pinned dependency set (constraints.txt) on first use.
+
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+SPEC ?= deployments/campaigns/dc2-test-med-1.yaml
+DEMO_DIR ?= demo
+
+# A Python >= 3.12: python3.12 / python3.13 if they run, else pyenv's 3.12 (on these machines 3.12
+# is installed through pyenv but is not the default, and a bare `python3.12` shim fails).
+PYTHON_312 := $(shell \
+	for c in python3.12 python3.13; do \
+	  if $$c -c 'import sys; sys.exit(sys.version_info < (3, 12))' >/dev/null 2>&1; then echo $$c; exit 0; fi; \
+	done; \
+	if command -v pyenv >/dev/null 2>&1; then \
+	  for v in $$(pyenv versions --bare 2>/dev/null | grep -E '^3\.1[2-9]' | sort -V | head -1); do \
+	    echo "env PYENV_VERSION=$$v python$${v%.*}"; exit 0; \
+	  done; \
+	fi)
+
+.PHONY: all venv demo plan test lint typecheck unit clean bench-quick
+
+all: test
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	@if [ -z "$(PYTHON_312)" ]; then \
+	  echo "error: drp-campaign needs Python >= 3.12 (lsst-pipe-base and lsst-ctrl-bps-panda require it)."; \
+	  echo "       Install it (e.g. 'pyenv install 3.12' or your OS package python3.12) and rerun make."; \
+	  exit 1; fi
+	@echo "using $(PYTHON_312)"
+	$(PYTHON_312) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
+	@touch $@
+
+venv: $(VENV)/.installed
+
+demo: venv
+	$(VENV)/bin/drp-campaign plan $(SPEC) --out $(DEMO_DIR)/plan
+
+plan: demo
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+typecheck: venv
+	$(VENV)/bin/mypy
+
+unit: venv
+	$(PY) -m pytest -q
+
+test: lint typecheck unit
+
+bench-quick: venv
+	$(PY) benchmarks/plan_scale.py --quick
+
+clean:
+	rm -rf $(VENV) $(DEMO_DIR) plan .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -1,0 +1,1 @@
+"""Prefect Blocks holding per-site settings and credentials (see DESIGN.md section 8)."""

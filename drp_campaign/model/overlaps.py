@@ -1,0 +1,319 @@
+"""Detector-patch overlaps, vectorised.
+
+Why this is exact and fast: a detector region is the spherical polygon of its four corners (the
+focal plane model is gnomonic about the boresight, so its edges are great circles), and a patch's
+outer region is the spherical polygon of its pixel box's corners through the tract's TAN WCS. A
+gnomonic (TAN) projection maps great circles to straight lines, so in a tract's pixel frame the
+detector is a planar convex quadrilateral and the patch an axis-aligned rectangle: two convex
+polygons in the plane, tested with the separating-axis theorem in numpy. This gives the same answer
+as ``lsst.sphgeom`` ``relate`` on the same polygons (up to tangency, a set of measure zero), at
+numpy speed instead of one Python call per pair; :func:`brute_force_overlaps` is that sphgeom
+reference and the benchmark's baseline.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+import numpy.typing as npt
+from lsst.sphgeom import DISJOINT, ConvexPolygon, LonLat, UnitVector3d
+
+from .focalplane import FocalPlane, focal_plane
+from .sky import RingsSkyMap, TractInfo
+
+__all__ = [
+    "OverlapTable",
+    "brute_force_overlaps",
+    "compute_overlaps",
+    "patch_key",
+    "split_patch_key",
+]
+
+#: Patch keys pack (tract, patch) into one int64 so that lookups are a single searchsorted.
+_PATCH_KEY_SHIFT = 1024
+
+
+def patch_key(tract: npt.ArrayLike, patch: npt.ArrayLike) -> np.ndarray:
+    """Pack (tract, patch) pairs into int64 keys that sort like (tract, patch).
+
+    Parameters
+    ----------
+    tract, patch : array_like
+        Tract ids and sequential patch indices.
+
+    Returns
+    -------
+    keys : `numpy.ndarray`
+        ``tract * 1024 + patch`` as int64.
+    """
+    return np.asarray(tract, dtype=np.int64) * _PATCH_KEY_SHIFT + np.asarray(patch, dtype=np.int64)
+
+
+def split_patch_key(keys: npt.ArrayLike) -> tuple[np.ndarray, np.ndarray]:
+    """Inverse of :func:`patch_key`.
+
+    Parameters
+    ----------
+    keys : array_like
+        Keys made by :func:`patch_key`.
+
+    Returns
+    -------
+    tract, patch : `numpy.ndarray`
+        Tract ids (int32) and patch indices (int16).
+    """
+    k = np.asarray(keys, dtype=np.int64)
+    return (k // _PATCH_KEY_SHIFT).astype(np.int32), (k % _PATCH_KEY_SHIFT).astype(np.int16)
+
+
+@dataclass(frozen=True)
+class OverlapTable:
+    """Columns of (visit, detector, tract, patch) overlap rows, sorted and unique."""
+
+    visit: np.ndarray
+    detector: np.ndarray
+    tract: np.ndarray
+    patch: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.visit.size)
+
+    @classmethod
+    def empty(cls) -> OverlapTable:
+        """Return a table with no rows and the canonical dtypes."""
+        return cls(
+            np.empty(0, np.int64),
+            np.empty(0, np.int16),
+            np.empty(0, np.int32),
+            np.empty(0, np.int16),
+        )
+
+
+@dataclass(frozen=True)
+class _PatchBoxes:
+    """Floating outer boxes of every patch of one tract, as arrays indexed by sequential patch."""
+
+    x0: np.ndarray
+    x1: np.ndarray
+    y0: np.ndarray
+    y1: np.ndarray
+    nx: int
+    ny: int
+    inner: int
+    border: int
+
+
+@lru_cache(maxsize=4096)
+def _patch_boxes(skymap: RingsSkyMap, tract_id: int) -> _PatchBoxes:
+    tract = skymap[tract_id]
+    nx, ny = tract.num_patches
+    boxes = np.array([tract.patch_outer_bbox(i) for i in range(nx * ny)], dtype=np.float64)
+    # Integer boxes are inclusive pixel ranges; pixel centres sit on integers, so the covered
+    # floating area extends half a pixel beyond (DESIGN.md section 3).
+    return _PatchBoxes(
+        x0=boxes[:, 0] - 0.5,
+        y0=boxes[:, 1] - 0.5,
+        x1=boxes[:, 2] + 0.5,
+        y1=boxes[:, 3] + 0.5,
+        nx=nx,
+        ny=ny,
+        inner=tract.patch_inner,
+        border=tract.patch_border,
+    )
+
+
+def _quad_rect_overlap(
+    qx: np.ndarray,
+    qy: np.ndarray,
+    rx0: np.ndarray,
+    rx1: np.ndarray,
+    ry0: np.ndarray,
+    ry1: np.ndarray,
+) -> np.ndarray:
+    """Separating-axis test of convex quadrilaterals against axis-aligned rectangles.
+
+    ``qx``/``qy`` have shape (n, 4) (vertices in order, either orientation); the rectangles have
+    shape (n,). Returns a boolean array: True where the two overlap.
+    """
+    # Axes of the rectangle: the quadrilateral's bounding box must meet it.
+    hit = (qx.min(axis=1) <= rx1) & (qx.max(axis=1) >= rx0)
+    hit &= (qy.min(axis=1) <= ry1) & (qy.max(axis=1) >= ry0)
+    # Axes normal to the quadrilateral's edges: separated if all four rectangle corners lie
+    # strictly outside one edge. Orientation comes from the signed area so CW input works too.
+    ex = np.roll(qx, -1, axis=1) - qx
+    ey = np.roll(qy, -1, axis=1) - qy
+    area2 = (qx * np.roll(qy, -1, axis=1) - np.roll(qx, -1, axis=1) * qy).sum(axis=1)
+    sign = np.where(area2 >= 0.0, 1.0, -1.0)[:, None]
+    corners_x = np.stack([rx0, rx1, rx1, rx0], axis=1)  # (n, 4)
+    corners_y = np.stack([ry0, ry0, ry1, ry1], axis=1)
+    # cross[n, edge, corner] = e x (c - p); outside an edge when sign * cross < 0 for every corner.
+    cross = ex[:, :, None] * (corners_y[:, None, :] - qy[:, :, None]) - ey[:, :, None] * (
+        corners_x[:, None, :] - qx[:, :, None]
+    )
+    outside = (sign[:, :, None] * cross < 0.0).all(axis=2).any(axis=1)
+    return hit & ~outside
+
+
+def _tract_overlaps(
+    tract: TractInfo,
+    boxes: _PatchBoxes,
+    corners: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Overlaps of detector quadrilaterals (m, 4, 2 [ra, dec]) with one tract's outer patches.
+
+    Returns (row index into ``corners``, sequential patch) for every overlapping pair.
+    """
+    px, py = tract.sky_to_pixel(corners[..., 0], corners[..., 1])
+    px = np.asarray(px, dtype=np.float64).reshape(-1, 4)
+    py = np.asarray(py, dtype=np.float64).reshape(-1, 4)
+    xmin, xmax = px.min(axis=1), px.max(axis=1)
+    ymin, ymax = py.min(axis=1), py.max(axis=1)
+    inner, border = float(boxes.inner), float(boxes.border)
+    # Candidate patch index ranges from the bounding box. The outer x-range of column i is
+    # [i*inner - border - 0.5, (i+1)*inner + border - 0.5] (a superset when the legacy builder
+    # clips at the tract edge), so these ranges never miss a true overlap.
+    ix0 = np.maximum(np.ceil((xmin - border + 0.5) / inner - 1.0), 0).astype(np.int64)
+    ix1 = np.minimum(np.floor((xmax + border + 0.5) / inner), boxes.nx - 1).astype(np.int64)
+    iy0 = np.maximum(np.ceil((ymin - border + 0.5) / inner - 1.0), 0).astype(np.int64)
+    iy1 = np.minimum(np.floor((ymax + border + 0.5) / inner), boxes.ny - 1).astype(np.int64)
+    wx = np.maximum(ix1 - ix0 + 1, 0)
+    wy = np.maximum(iy1 - iy0 + 1, 0)
+    counts = wx * wy
+    total = int(counts.sum())
+    if total == 0:
+        return np.empty(0, np.int64), np.empty(0, np.int64)
+    rows = np.repeat(np.arange(px.shape[0]), counts)
+    # Offset of each pair inside its row's block, then unravel into (dx, dy).
+    starts = np.repeat(np.cumsum(counts) - counts, counts)
+    within = np.arange(total) - starts
+    wxr = wx[rows]
+    ix = ix0[rows] + within % wxr
+    iy = iy0[rows] + within // wxr
+    seq = iy * boxes.nx + ix
+    ok = _quad_rect_overlap(
+        px[rows], py[rows], boxes.x0[seq], boxes.x1[seq], boxes.y0[seq], boxes.y1[seq]
+    )
+    return rows[ok], seq[ok]
+
+
+def compute_overlaps(
+    skymap: RingsSkyMap,
+    plane: FocalPlane,
+    visit: npt.ArrayLike,
+    ra: npt.ArrayLike,
+    dec: npt.ArrayLike,
+    rotation: npt.ArrayLike,
+) -> OverlapTable:
+    """Every (visit, detector, tract, patch) whose detector region meets the patch outer region.
+
+    Parameters
+    ----------
+    skymap : `RingsSkyMap`
+        The sky map.
+    plane : `FocalPlane`
+        The instrument's focal plane.
+    visit, ra, dec, rotation : array_like
+        One entry per visit: id, boresight (degrees) and rotation (degrees).
+
+    Returns
+    -------
+    table : `OverlapTable`
+        Rows sorted by (visit, detector, tract, patch), no duplicates.
+    """
+    visit = np.asarray(visit, dtype=np.int64)
+    ra = np.asarray(ra, dtype=np.float64)
+    dec = np.asarray(dec, dtype=np.float64)
+    rotation = np.asarray(rotation, dtype=np.float64)
+    if visit.size == 0:
+        return OverlapTable.empty()
+    corners = plane.corners_sky_many(ra, dec, rotation)  # (V, D, 4, 2)
+    n_det = corners.shape[1]
+    det_ids = np.array([d.id for d in plane.detectors], dtype=np.int16)
+    # Group visits by candidate tract so that each tract projects all its visits at once.
+    by_tract: dict[int, list[int]] = {}
+    radius = plane.max_radius_deg
+    for i in range(visit.size):
+        for t in skymap.tracts_near(float(ra[i]), float(dec[i]), radius):
+            by_tract.setdefault(t, []).append(i)
+    out_v: list[np.ndarray] = []
+    out_d: list[np.ndarray] = []
+    out_t: list[np.ndarray] = []
+    out_p: list[np.ndarray] = []
+    for t in sorted(by_tract):
+        idx = np.asarray(by_tract[t], dtype=np.int64)
+        rows, seq = _tract_overlaps(
+            skymap[t], _patch_boxes(skymap, t), corners[idx].reshape(-1, 4, 2)
+        )
+        if rows.size == 0:
+            continue
+        out_v.append(visit[idx[rows // n_det]])
+        out_d.append(det_ids[rows % n_det])
+        out_t.append(np.full(rows.size, t, dtype=np.int32))
+        out_p.append(seq.astype(np.int16))
+    if not out_v:
+        return OverlapTable.empty()
+    v = np.concatenate(out_v)
+    d = np.concatenate(out_d)
+    t_arr = np.concatenate(out_t)
+    p = np.concatenate(out_p)
+    order = np.lexsort((p, t_arr, d, v))
+    return OverlapTable(v[order], d[order], t_arr[order], p[order])
+
+
+def brute_force_overlaps(
+    skymap: RingsSkyMap,
+    plane: FocalPlane,
+    visit: npt.ArrayLike,
+    ra: npt.ArrayLike,
+    dec: npt.ArrayLike,
+    rotation: npt.ArrayLike,
+) -> OverlapTable:
+    """Reference implementation: every detector polygon against every patch with ``sphgeom``.
+
+    Each detector's ConvexPolygon is related to the outer patch polygon of every patch of every
+    candidate tract of its visit, with no index. Slow by design: it is the correctness oracle for
+    :func:`compute_overlaps` and the baseline of ``benchmarks/plan_scale.py``.
+    """
+    visit = np.asarray(visit, dtype=np.int64)
+    rows: list[tuple[int, int, int, int]] = []
+    corners = plane.corners_sky_many(
+        np.asarray(ra, np.float64), np.asarray(dec, np.float64), np.asarray(rotation, np.float64)
+    )
+    patch_polys: dict[int, list[ConvexPolygon]] = {}
+    for i, v in enumerate(visit):
+        tracts = skymap.tracts_near(
+            float(np.asarray(ra)[i]), float(np.asarray(dec)[i]), plane.max_radius_deg
+        )
+        for j, det in enumerate(plane.detectors):
+            poly = ConvexPolygon(
+                [UnitVector3d(LonLat.fromDegrees(float(a), float(b))) for a, b in corners[i, j]]
+            )
+            for t in tracts:
+                if t not in patch_polys:
+                    info = skymap[t]
+                    n = info.num_patches[0] * info.num_patches[1]
+                    patch_polys[t] = [info.patch_outer_polygon(k) for k in range(n)]
+                for k, pp in enumerate(patch_polys[t]):
+                    if not (poly.relate(pp) & DISJOINT):
+                        rows.append((int(v), det.id, t, k))
+    if not rows:
+        return OverlapTable.empty()
+    arr = np.array(sorted(set(rows)), dtype=np.int64)
+    return OverlapTable(
+        arr[:, 0],
+        arr[:, 1].astype(np.int16),
+        arr[:, 2].astype(np.int32),
+        arr[:, 3].astype(np.int16),
+    )
+
+
+def plane_for(instrument: str) -> FocalPlane:
+    """Return the (cached) focal plane of an instrument; a thin alias kept for worker processes."""
+    return _plane_cached(instrument)
+
+
+@lru_cache(maxsize=8)
+def _plane_cached(instrument: str) -> FocalPlane:
+    return focal_plane(instrument)

@@ -1,0 +1,1 @@
+"""Thin Prefect task wrappers over :mod:`drp_campaign`; the only place Blocks are loaded."""

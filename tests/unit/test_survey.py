@@ -1,0 +1,240 @@
+"""Tests of drp_campaign.model.survey."""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from drp_campaign.model.survey import (
+    BANDS,
+    COLUMNS,
+    PRESETS,
+    make_survey,
+    read_visits_csv,
+    survey_from_spec,
+    write_visits_csv,
+)
+
+HEADER = "visit,band,ra,dec,rotation\n"
+
+
+def _check_table(df: pd.DataFrame) -> None:
+    assert tuple(df.columns) == COLUMNS
+    assert df["visit"].dtype == np.int64
+    assert pd.api.types.is_string_dtype(df["band"])
+    for col in ("ra", "dec", "rotation"):
+        assert df[col].dtype == np.float64
+    assert df["visit"].is_unique and df["visit"].is_monotonic_increasing
+    assert isinstance(df.index, pd.RangeIndex) and df.index.start == 0
+    assert set(df["band"]) <= set(BANDS)
+    assert df["ra"].between(0, 360, inclusive="left").all()
+    assert df["dec"].between(-90, 90).all()
+
+
+def _sep_deg(ra: np.ndarray, dec: np.ndarray, ra0: float, dec0: float) -> np.ndarray:
+    a, d = np.radians(ra), np.radians(dec)
+    a0, d0 = math.radians(ra0), math.radians(dec0)
+    c = math.sin(d0) * np.sin(d) + math.cos(d0) * np.cos(d) * np.cos(a - a0)
+    return np.degrees(np.arccos(np.clip(c, -1, 1)))
+
+
+# ---------------------------------------------------------------------------------------- presets
+@pytest.mark.parametrize(("preset", "count"), [("dc2-test-med-1", 300), ("dp0.2", 20_000)])
+def test_preset_default_counts_and_determinism(preset: str, count: int) -> None:
+    a = make_survey(preset)
+    _check_table(a)
+    assert len(a) == count
+    pd.testing.assert_frame_equal(a, make_survey(preset, seed=1))
+    b = make_survey(preset, seed=2)
+    assert not a.equals(b)
+    assert len(make_survey(preset, visits=123)) == 123
+
+
+def test_dc2_test_med_1_region_and_ids() -> None:
+    df = make_survey("dc2-test-med-1")
+    sep = _sep_deg(df["ra"].to_numpy(), df["dec"].to_numpy(), 57.56, -36.45)
+    assert sep.max() <= 1.2 + 1e-9
+    assert sep.max() > 1.0  # actually fills the cap
+    assert df["rotation"].between(0, 360, inclusive="left").all()
+    assert 159_000 < df["visit"].iloc[0] < 159_100
+    assert df["visit"].between(100_000, 999_999).all()
+    assert set(df["band"]) == set(BANDS)
+
+
+def test_dp02_box() -> None:
+    df = make_survey("dp0.2")
+    assert df["ra"].between(50.0, 75.0).all()
+    assert df["dec"].between(-45.0, -27.0).all()
+    assert df["visit"].iloc[0] > 200_000 and df["visit"].between(100_000, 999_999).all()
+    # Uniform on the sphere: the median of sin(dec) is mid-way between the limits.
+    s = np.sin(np.radians(df["dec"]))
+    mid = 0.5 * (math.sin(math.radians(-45)) + math.sin(math.radians(-27)))
+    assert abs(np.median(s) - mid) < 0.01
+
+
+def test_dr1_full() -> None:
+    start = time.perf_counter()
+    df = make_survey("dr1")
+    assert time.perf_counter() - start < 1.0
+    _check_table(df)
+    assert len(df) == 240_000
+    assert df["dec"].between(-70.0, 5.0).all()
+    assert df["rotation"].between(0, 360, inclusive="left").all()
+    day_obs = df["visit"] // 100_000
+    seq = df["visit"] % 100_000
+    assert day_obs.iloc[0] == 20251201 and seq.iloc[0] == 1
+    dates = pd.to_datetime(day_obs.astype(str), format="%Y%m%d")  # every day_obs is a real date
+    assert (dates.diff().dropna() <= pd.Timedelta(days=1)).all()
+    per_night = df.groupby(day_obs).size()
+    assert per_night.iloc[:-1].between(800, 1200).all()
+    assert per_night.mean() == pytest.approx(1000, rel=0.05)
+    # seq_num runs 1..n within each night.
+    assert (df.groupby(day_obs)["visit"].transform("size") >= seq).all()
+    weights = df["band"].value_counts(normalize=True)
+    expected = {"u": 0.07, "g": 0.10, "r": 0.22, "i": 0.22, "z": 0.20, "y": 0.19}
+    for band, w in expected.items():
+        assert weights[band] == pytest.approx(w, abs=0.005)
+
+
+def test_dr1_subsample_is_subset() -> None:
+    full = make_survey("dr1")
+    sub = make_survey("dr1", visits=1000)
+    _check_table(sub)
+    assert len(sub) == 1000
+    merged = sub.merge(full, on=list(COLUMNS), how="left", indicator=True)
+    assert (merged["_merge"] == "both").all()
+    pd.testing.assert_frame_equal(sub, make_survey("dr1", visits=1000))
+    assert not sub.equals(make_survey("dr1", seed=2, visits=1000))
+
+
+def test_preset_errors() -> None:
+    with pytest.raises(
+        ValueError,
+        match=r"^unknown survey preset 'dc3'; valid presets: dc2-test-med-1, dp0\.2, dr1$",
+    ):
+        make_survey("dc3")
+    with pytest.raises(ValueError, match="exceeds the 240000 visits"):
+        make_survey("dr1", visits=240_001)
+    with pytest.raises(ValueError, match="visits must be a positive integer, got 0"):
+        make_survey("dp0.2", visits=0)
+    assert PRESETS == ("dc2-test-med-1", "dp0.2", "dr1")
+
+
+# -------------------------------------------------------------------------------------------- CSV
+def test_csv_round_trip(tmp_path: Path) -> None:
+    df = make_survey("dc2-test-med-1", visits=50, seed=7)
+    path = tmp_path / "visits.csv"
+    write_visits_csv(df, path)
+    assert path.read_text().startswith(HEADER)
+    pd.testing.assert_frame_equal(read_visits_csv(path), df)
+
+
+def test_csv_sorts_and_skips_blank_lines(tmp_path: Path) -> None:
+    path = tmp_path / "v.csv"
+    path.write_text(HEADER + "5,r,10.0,-3.5,0\n\n 2 , g ,359.5,90,-20\n")
+    df = read_visits_csv(path)
+    _check_table(df)
+    assert df["visit"].tolist() == [2, 5]
+    assert df["band"].tolist() == ["g", "r"]
+    assert df["rotation"].tolist() == [-20.0, 0.0]
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (
+            "visit,band,ra,dec\n1,r,1,2\n",
+            "line 1: columns are 'visit,band,ra,dec', expected exactly "
+            "'visit,band,ra,dec,rotation'; fix: make the first line 'visit,band,ra,dec,rotation'",
+        ),
+        (
+            "",
+            "line 1: columns are '(none)', expected exactly 'visit,band,ra,dec,rotation'; "
+            "fix: make the first line 'visit,band,ra,dec,rotation'",
+        ),
+        (
+            HEADER,
+            "line 2: the file has no visits; fix: add one line per visit after the header",
+        ),
+        (
+            HEADER + "1,r,1,2,3\n2,r,1,2\n",
+            "line 3: expected 5 fields (visit,band,ra,dec,rotation), found 4; "
+            "fix: write one visit per line with exactly these fields",
+        ),
+        (
+            HEADER + "1.5,r,1,2,3\n",
+            "line 2: visit '1.5' is not an integer; fix: use integer visit ids",
+        ),
+        (
+            HEADER + "7,r,1,2,3\n8,g,1,2,3\n\n7,i,1,2,3\n",
+            "line 5: visit 7 repeats line 2; fix: give every visit a unique id",
+        ),
+        (
+            HEADER + "1,R,1,2,3\n",
+            "line 2: band 'R' is not one of u, g, r, i, z, y; "
+            "fix: use a single lower-case band letter from ugrizy",
+        ),
+        (
+            HEADER + "1,r,360,2,3\n",
+            "line 2: ra 360 is outside [0, 360); fix: wrap ra into [0, 360) degrees",
+        ),
+        (
+            HEADER + "1,r,-0.5,2,3\n",
+            "line 2: ra -0.5 is outside [0, 360); fix: wrap ra into [0, 360) degrees",
+        ),
+        (
+            HEADER + "1,r,abc,2,3\n",
+            "line 2: ra 'abc' is not a number; fix: write ra as degrees in [0, 360)",
+        ),
+        (
+            HEADER + "1,r,1,-90.5,3\n",
+            "line 2: dec -90.5 is outside [-90, 90]; fix: give dec in degrees",
+        ),
+        (
+            HEADER + "1,r,1,2,nan\n",
+            "line 2: rotation 'nan' is not finite; fix: write rotation as degrees",
+        ),
+    ],
+)
+def test_csv_errors(tmp_path: Path, body: str, message: str) -> None:
+    path = tmp_path / "bad.csv"
+    path.write_text(body)
+    with pytest.raises(ValueError) as info:
+        read_visits_csv(path)
+    assert str(info.value) == f"{path}: {message}"
+
+
+# ------------------------------------------------------------------------------------ from a spec
+def _spec(**survey: object) -> SimpleNamespace:
+    fields: dict[str, object] = {"preset": None, "seed": 1, "visits": None, "visits_csv": None}
+    fields.update(survey)
+    return SimpleNamespace(survey=SimpleNamespace(**fields))
+
+
+def test_survey_from_spec_preset() -> None:
+    df = survey_from_spec(_spec(preset="dc2-test-med-1", seed=3))
+    pd.testing.assert_frame_equal(df, make_survey("dc2-test-med-1", seed=3))
+    assert len(survey_from_spec(_spec(preset="dr1", visits=500))) == 500
+    assert len(survey_from_spec(_spec(preset="dp0.2", visits="42"))) == 42
+
+
+def test_survey_from_spec_csv(tmp_path: Path) -> None:
+    df = make_survey("dc2-test-med-1", visits=10)
+    write_visits_csv(df, tmp_path / "visits.csv")
+    by_csv = survey_from_spec(_spec(visits_csv=tmp_path / "visits.csv", preset="dr1"))
+    pd.testing.assert_frame_equal(by_csv, df)
+    # DESIGN form {visits: path/to/visits.csv}, relative to the spec's directory.
+    spec = _spec(visits="visits.csv")
+    spec.base_dir = tmp_path
+    pd.testing.assert_frame_equal(survey_from_spec(spec), df)
+
+
+def test_survey_from_spec_needs_a_source() -> None:
+    with pytest.raises(ValueError, match="neither a preset nor a visits CSV"):
+        survey_from_spec(_spec())
