@@ -92,6 +92,12 @@ def _overlaps_chunk(
         chunk["dec"].to_numpy(),
         chunk["rotation"].to_numpy(),
     )
+    # Rows follow the chunk's (sky) visit order, so concatenated parts do not depend on chunking.
+    rank = pd.Index(chunk["visit"].to_numpy()).get_indexer(table.visit)
+    order = np.argsort(rank, kind="stable")
+    table = OverlapTable(
+        table.visit[order], table.detector[order], table.tract[order], table.patch[order]
+    )
     pq.write_table(
         pa.table(
             {
@@ -157,7 +163,11 @@ def _final_chunk(
         det_part,
     )
     needs = detector_needs(_read_part(part), partition)
-    v, d, src, dst = transfer_rows(needs, home, visits)
+    order = np.argsort(visits, kind="stable")  # transfer_rows looks visits up by bisection
+    v, d, src, dst = transfer_rows(needs, home[order], visits[order])
+    # Rows follow the chunk's (sky) visit order, as the other files do.
+    rank = np.argsort(pd.Index(visits).get_indexer(v), kind="stable")
+    v, d, src, dst = v[rank], d[rank], src[rank], dst[rank]
     pq.write_table(
         pa.table(
             {
@@ -328,7 +338,15 @@ def run_plan(
     shutil.rmtree(parts_dir, ignore_errors=True)
     parts_dir.mkdir()
     size = chunk_visits or chunk_size_for(len(visits), workers)
-    chunks = [visits.iloc[i : i + size] for i in range(0, len(visits), size)]
+    # Chunks are compact on the sky (ordered by the tract of the boresight, then visit id), so a
+    # chunk's visits share tracts and each tract is projected once for many visits. The order is
+    # a pure function of the visits, so the files do not depend on chunk size or input order.
+    sky = _skymap(geom.rings, geom.builder)
+    spatial = visits.assign(
+        _tract=sky.find_tracts(visits["ra"].to_numpy(), visits["dec"].to_numpy())
+    )
+    spatial = spatial.sort_values(["_tract", "visit"], kind="stable").drop(columns="_tract")
+    chunks = [spatial.iloc[i : i + size] for i in range(0, len(spatial), size)]
     ov_parts = [parts_dir / f"overlaps-{i:05d}.parquet" for i in range(len(chunks))]
     det_parts = [parts_dir / f"detectors-{i:05d}.parquet" for i in range(len(chunks))]
     xf_parts = [parts_dir / f"transfers-{i:05d}.parquet" for i in range(len(chunks))]
@@ -348,7 +366,6 @@ def run_plan(
         work = np.zeros(keys.size, dtype=np.int64)
         np.add.at(work, inv, all_counts)
         n_overlaps = int(sum(r[2] for r in first))
-        sky = _skymap(geom.rings, geom.builder)
         partition = partition_patches(sky, keys, work, shares, spec.partition.policy)
 
         costs = _run_map(
@@ -369,15 +386,13 @@ def run_plan(
         assignment = assign_visits(vid, cost, ovl, [shares[s] for s in sites], SHARE_TOLERANCE)
         home = assignment.home
 
-        bounds = np.cumsum([0] + [len(c) for c in chunks])
+        home_of = pd.Series(home, index=vid)
         links_list = _run_map(
             client,
             _final_chunk,
             [
-                (geom, c, str(p), home[bounds[i] : bounds[i + 1]], str(dp), str(xp))
-                for i, (c, p, dp, xp) in enumerate(
-                    zip(chunks, ov_parts, det_parts, xf_parts, strict=True)
-                )
+                (geom, c, str(p), home_of.loc[c["visit"]].to_numpy(), str(dp), str(xp))
+                for c, p, dp, xp in zip(chunks, ov_parts, det_parts, xf_parts, strict=True)
             ],
             "transfers",
             progress,

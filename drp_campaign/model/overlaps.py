@@ -105,14 +105,39 @@ class _PatchBoxes:
     border: int
 
 
-@lru_cache(maxsize=4096)
 def _patch_boxes(skymap: RingsSkyMap, tract_id: int) -> _PatchBoxes:
+    tract = skymap[tract_id]
+    # Every tract of a rings sky map has the same pixel geometry, so the boxes are computed once
+    # per distinct geometry rather than once per tract.
+    return _patch_boxes_for(
+        skymap,
+        tract_id,
+        (
+            tract.num_patches,
+            tract.width,
+            tract.height,
+            tract.patch_inner,
+            tract.patch_border,
+            tract.clip_outer,
+        ),
+    )
+
+
+_BOXES: dict[tuple[object, ...], _PatchBoxes] = {}
+
+
+def _patch_boxes_for(
+    skymap: RingsSkyMap, tract_id: int, geometry: tuple[object, ...]
+) -> _PatchBoxes:
+    boxes_cached = _BOXES.get(geometry)
+    if boxes_cached is not None:
+        return boxes_cached
     tract = skymap[tract_id]
     nx, ny = tract.num_patches
     boxes = np.array([tract.patch_outer_bbox(i) for i in range(nx * ny)], dtype=np.float64)
     # Integer boxes are inclusive pixel ranges; pixel centres sit on integers, so the covered
     # floating area extends half a pixel beyond (DESIGN.md section 3).
-    return _PatchBoxes(
+    result = _PatchBoxes(
         x0=boxes[:, 0] - 0.5,
         y0=boxes[:, 1] - 0.5,
         x1=boxes[:, 2] + 0.5,
@@ -122,6 +147,8 @@ def _patch_boxes(skymap: RingsSkyMap, tract_id: int) -> _PatchBoxes:
         inner=tract.patch_inner,
         border=tract.patch_border,
     )
+    _BOXES[geometry] = result
+    return result
 
 
 def _quad_rect_overlap(
@@ -140,20 +167,25 @@ def _quad_rect_overlap(
     # Axes of the rectangle: the quadrilateral's bounding box must meet it.
     hit = (qx.min(axis=1) <= rx1) & (qx.max(axis=1) >= rx0)
     hit &= (qy.min(axis=1) <= ry1) & (qy.max(axis=1) >= ry0)
-    # Axes normal to the quadrilateral's edges: separated if all four rectangle corners lie
-    # strictly outside one edge. Orientation comes from the signed area so CW input works too.
-    ex = np.roll(qx, -1, axis=1) - qx
-    ey = np.roll(qy, -1, axis=1) - qy
-    area2 = (qx * np.roll(qy, -1, axis=1) - np.roll(qx, -1, axis=1) * qy).sum(axis=1)
-    sign = np.where(area2 >= 0.0, 1.0, -1.0)[:, None]
-    corners_x = np.stack([rx0, rx1, rx1, rx0], axis=1)  # (n, 4)
-    corners_y = np.stack([ry0, ry0, ry1, ry1], axis=1)
-    # cross[n, edge, corner] = e x (c - p); outside an edge when sign * cross < 0 for every corner.
-    cross = ex[:, :, None] * (corners_y[:, None, :] - qy[:, :, None]) - ey[:, :, None] * (
-        corners_x[:, None, :] - qx[:, :, None]
-    )
-    outside = (sign[:, :, None] * cross < 0.0).all(axis=2).any(axis=1)
-    return hit & ~outside
+    # Axes normal to the quadrilateral's edges: separated if the whole rectangle lies strictly
+    # outside one edge. f(c) = e x (c - p) is linear in the corner c, so its largest value over
+    # the rectangle is at the corner picked by the signs of the edge vector: one evaluation per
+    # edge instead of four. Orientation comes from the signed area, so CW input works too.
+    nx_ = qx[:, _NEXT]
+    ny_ = qy[:, _NEXT]
+    ex = nx_ - qx
+    ey = ny_ - qy
+    sign = np.where((qx * ny_ - nx_ * qy).sum(axis=1) >= 0.0, 1.0, -1.0)[:, None]
+    a = sign * ex
+    b = sign * ey
+    cy = np.where(a > 0.0, ry1[:, None], ry0[:, None])
+    cx = np.where(b > 0.0, rx0[:, None], rx1[:, None])
+    fmax = a * (cy - qy) - b * (cx - qx)
+    return hit & ~(fmax < 0.0).any(axis=1)
+
+
+#: Index of each quadrilateral vertex's successor.
+_NEXT = np.array([1, 2, 3, 0])
 
 
 def _tract_overlaps(
