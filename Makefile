@@ -48,8 +48,9 @@ lint: venv
 typecheck: venv
 	$(VENV)/bin/mypy
 
+# The suite runs beside a throw-away PostgreSQL server on 127.0.0.1 (Butler registry tests).
 unit: venv
-	$(PY) -m pytest -q
+	scripts/with-postgres.sh $(PY) -m pytest -q
 
 test: lint typecheck unit
 

@@ -139,3 +139,28 @@ def test_bad_spec_exits_2_without_traceback(tmp_path: Path) -> None:
     assert f"{bad}: hub: " in proc.stderr
     assert "did you mean 'USDF'" in proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_plan_on_an_existing_dask_cluster(tmp_path: Path) -> None:
+    from distributed import LocalCluster
+
+    spec = load_spec(DC2)
+    visits = make_survey("dc2-test-med-1", seed=1, visits=12)
+    local = run_plan(spec, tmp_path / "local", visits=visits, plots=False)
+    with LocalCluster(
+        n_workers=1,
+        threads_per_worker=1,
+        processes=False,
+        host="127.0.0.1",
+        protocol="tcp",
+        dashboard_address=None,
+    ) as cluster:
+        assert cluster.scheduler_address.startswith("tcp://127.0.0.1:")
+        remote = run_plan(
+            spec,
+            tmp_path / "remote",
+            visits=visits,
+            dask_address=cluster.scheduler_address,
+            plots=False,
+        )
+    assert _digest(local.out_dir) == _digest(remote.out_dir)
