@@ -149,13 +149,20 @@ def _run_quantum(graph_path: str, butler_config: str, quantum_id: str, *upstream
     records = ButlerLogRecords([])
     t0 = time.perf_counter()
     try:
-        executor.execute(node["pipeline_node"], node["quantum"], quantum_id=qid, log_records=records)
+        executor.execute(
+            node["pipeline_node"], node["quantum"], quantum_id=qid, log_records=records
+        )
     except Exception as exc:  # report it: the driver names the quantum, never hides it
         tail = [f"{r.levelname} {r.name}: {r.message}" for r in list(records)[-8:]]
         tail += traceback.format_exception_only(exc)[-1:]
         return QuantumOutcome(
-            quantum_id, task, data_id, "failed", time.perf_counter() - t0,
-            f"{type(exc).__name__}: {exc}", tuple(line.rstrip() for line in tail),
+            quantum_id,
+            task,
+            data_id,
+            "failed",
+            time.perf_counter() - t0,
+            f"{type(exc).__name__}: {exc}",
+            tuple(line.rstrip() for line in tail),
         )
     return QuantumOutcome(quantum_id, task, data_id, "succeeded", time.perf_counter() - t0)
 
@@ -235,8 +242,13 @@ def execute_graph(
     run = uuid.uuid4().hex[:8]  # keys unique per execution: a rerun must not reuse old results
     for qid, preds in order:
         futures[qid] = client.submit(
-            _run_quantum, graph, config, qid, *[futures[p] for p in preds],
-            key=f"quantum-{run}-{qid}", pure=False,
+            _run_quantum,
+            graph,
+            config,
+            qid,
+            *[futures[p] for p in preds],
+            key=f"quantum-{run}-{qid}",
+            pure=False,
         )
     for done, fut in enumerate(as_completed(list(futures.values())), start=1):
         outcome: QuantumOutcome = fut.result()
