@@ -16,6 +16,7 @@ import json
 import math
 import shutil
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
@@ -400,9 +401,17 @@ def run_plan(
         )
     links = np.sum(links_list, axis=0) if links_list else np.zeros((len(sites),) * 2, np.int64)
 
-    _concat_parts(ov_parts, out_dir / "overlaps.parquet")
-    _concat_parts(det_parts, out_dir / "detectors.parquet")
-    n_transfers = _concat_parts(xf_parts, out_dir / "transfers.parquet")
+    # The three merges are independent and pyarrow releases the GIL while it reads and writes.
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        merges = [
+            pool.submit(_concat_parts, parts, out_dir / name)
+            for parts, name in (
+                (ov_parts, "overlaps.parquet"),
+                (det_parts, "detectors.parquet"),
+                (xf_parts, "transfers.parquet"),
+            )
+        ]
+        n_transfers = [m.result() for m in merges][2]
     shutil.rmtree(parts_dir, ignore_errors=True)
 
     ptract, ppatch = split_patch_key(partition.keys)
