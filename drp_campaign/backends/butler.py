@@ -936,30 +936,79 @@ def populate_site_repos(
         Site name -> repository.
     """
     visits, tracts = _plan_tables(plan)
-    visits = visits[["visit", "band", "ra", "dec", "rotation"]]
-    names = collections_for(spec.instrument)
     out: dict[str, SiteRepo] = {}
     for site in sites or spec.site_names:
-        root = site_repo_root(workdir, site)
-        with create_repo(root, registry_db=registry_db) as butler:
-            register_campaign_dimensions(butler, spec, visits, spec.skymap.name, tracts.tolist())
-            ingest_mock_calibs(butler, spec.instrument, size_bytes=file_size)
-            ingest_mock_skymap(butler, spec.skymap.name, size_bytes=file_size)
-            # The raw dataset type exists everywhere: transfers land in it, and a graph built
-            # before they arrive is reported as empty rather than as an unknown dataset type.
-            raw_name, raw_dims, raw_storage_class = RAW_DATASET_TYPE
-            _mock_dataset_type(butler, raw_name, raw_dims, raw_storage_class)
-            n_raws = 0
-            if site == spec.hub:
-                n_raws = len(
-                    ingest_mock_raws(
-                        butler,
-                        visits["visit"].tolist(),
-                        run=names.raw_run,
-                        size_bytes=file_size,
-                        instrument=spec.instrument,
-                    )
-                )
-            define_defaults_chain(butler, spec.instrument)
-        out[site] = SiteRepo(site, root, names.defaults, n_raws, site == spec.hub)
+        out[site] = populate_repo(
+            site_repo_root(workdir, site),
+            spec,
+            visits,
+            tracts,
+            with_raws=site == spec.hub,
+            file_size=file_size,
+            registry_db=registry_db,
+            site=site,
+        )
     return out
+
+
+def populate_repo(
+    root: str | Path,
+    spec: CampaignSpec,
+    visits: pd.DataFrame,
+    tracts: Sequence[int] | np.ndarray,
+    *,
+    with_raws: bool,
+    file_size: int = DEFAULT_FILE_SIZE,
+    registry_db: str | None = None,
+    site: str = "",
+) -> SiteRepo:
+    """Create (or reopen) one repository with the campaign's records, calibrations and skymap.
+
+    Parameters
+    ----------
+    root : `str` or `pathlib.Path`
+        Repository root.
+    spec : `CampaignSpec`
+        Campaign spec.
+    visits : `pandas.DataFrame`
+        The campaign's visits (``visit, band, ra, dec, rotation``).
+    tracts : sequence of `int`
+        Tracts to register (with all their patches).
+    with_raws : `bool`
+        Ingest every visit's raws (the hub, or a single-site reference).
+    file_size : `int`, optional
+        Size of every mock file in bytes.
+    registry_db : `str`, optional
+        PostgreSQL URL; SQLite if `None`.
+    site : `str`, optional
+        Site name recorded in the result.
+
+    Returns
+    -------
+    repo : `SiteRepo`
+    """
+    visits = visits[["visit", "band", "ra", "dec", "rotation"]]
+    tract_list = [int(t) for t in tracts]
+    names = collections_for(spec.instrument)
+    root = Path(root)
+    with create_repo(root, registry_db=registry_db) as butler:
+        register_campaign_dimensions(butler, spec, visits, spec.skymap.name, tract_list)
+        ingest_mock_calibs(butler, spec.instrument, size_bytes=file_size)
+        ingest_mock_skymap(butler, spec.skymap.name, size_bytes=file_size)
+        # The raw dataset type exists everywhere: transfers land in it, and a graph built
+        # before they arrive is reported as empty rather than as an unknown dataset type.
+        raw_name, raw_dims, raw_storage_class = RAW_DATASET_TYPE
+        _mock_dataset_type(butler, raw_name, raw_dims, raw_storage_class)
+        n_raws = 0
+        if with_raws:
+            n_raws = len(
+                ingest_mock_raws(
+                    butler,
+                    visits["visit"].tolist(),
+                    run=names.raw_run,
+                    size_bytes=file_size,
+                    instrument=spec.instrument,
+                )
+            )
+        define_defaults_chain(butler, spec.instrument)
+    return SiteRepo(site, root, names.defaults, n_raws, site == spec.hub)

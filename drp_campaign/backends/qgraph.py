@@ -123,6 +123,7 @@ class GraphRequest:
     site: str = ""
     attach_datastore_records: bool = True
     bind: Mapping[str, Any] = field(default_factory=dict)
+    output: str | None = None
 
 
 def _pipeline_uri(pipeline_yaml: str | Path, subset: str | None) -> str:
@@ -141,6 +142,7 @@ def build_graph(
     attach_datastore_records: bool = True,
     site: str = "",
     bind: Mapping[str, Any] | None = None,
+    output: str | None = None,
 ) -> GraphSummary:
     """Build one QuantumGraph and save it.
 
@@ -166,6 +168,9 @@ def build_graph(
         Site name, for error messages and the summary.
     bind : mapping, optional
         Bind values for identifiers in ``where``.
+    output : `str`, optional
+        CHAINED collection that the final job (aggregation) points at ``output_run`` followed by
+        the inputs, as ``pipetask --output`` does.
 
     Returns
     -------
@@ -205,6 +210,7 @@ def build_graph(
         )
         try:
             components = builder.finish(
+                output=output,
                 metadata={
                     "drp_campaign_step": subset or "",
                     "drp_campaign_site": site,
@@ -246,6 +252,7 @@ def _build_request(request: GraphRequest) -> GraphSummary:
         attach_datastore_records=request.attach_datastore_records,
         site=request.site,
         bind=request.bind,
+        output=request.output,
     )
 
 

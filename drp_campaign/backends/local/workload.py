@@ -100,8 +100,13 @@ class QuantumFailure(RuntimeError):
 
 def _import_mocks() -> None:
     # The mock storage classes and formatters exist only after this import; every process that
-    # reads or writes mock datasets needs it (middleware-notes.md).
+    # reads or writes mock datasets needs it (middleware-notes.md). Every process that reads
+    # graphs also needs the zipfile fix (see drp_campaign.backends.zipfix).
     import lsst.pipe.base.tests.mocks  # noqa: F401
+
+    from .. import zipfix
+
+    zipfix.apply()
 
 
 @lru_cache(maxsize=4)

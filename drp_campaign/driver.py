@@ -1,0 +1,203 @@
+"""The plain driver (no Prefect): every step of a campaign at one site, the "single-site reference".
+
+A multi-site run must produce exactly what this produces from the same pipeline and data; tests and
+benchmarks use it as the yardstick. Each step is what a site-step does in production: build the
+graph against the repository, write its init-outputs, run every quantum through the quantum-backed
+butler on Dask workers, then aggregate the outputs into the repository. Steps are idempotent: a
+step whose run is already in the output chain is skipped, so a rerun after a crash resumes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from .backends.butler import DEFAULT_FILE_SIZE, collections_for, open_repo, populate_repo
+from .backends.local.workload import (
+    QuantumFailure,
+    QuantumOutcome,
+    aggregate,
+    execute_graph,
+    pre_exec_init,
+)
+from .backends.qgraph import build_graph, step_query
+from .model.focalplane import focal_plane
+from .model.overlaps import compute_overlaps
+from .model.sky import RingsSkyMap
+from .model.spec import CampaignSpec
+
+__all__ = ["ReferenceResult", "StepResult", "reference_collection", "run_single_site"]
+
+StepProgress = Callable[[str, str], None]
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """Figures of one step."""
+
+    step: str
+    run: str
+    n_quanta: int
+    per_task: dict[str, int]
+    build_s: float
+    exec_s: float
+    aggregate_s: float
+    skipped: bool = False
+
+
+@dataclass
+class ReferenceResult:
+    """The reference repository and what each step did."""
+
+    repo: Path
+    output: str
+    steps: list[StepResult] = field(default_factory=list)
+    setup_s: float = 0.0
+    wall_s: float = 0.0
+
+    @property
+    def n_quanta(self) -> int:
+        """Quanta executed over all steps (skipped steps count zero)."""
+        return sum(s.n_quanta for s in self.steps if not s.skipped)
+
+
+def reference_collection(campaign: str) -> str:
+    """The CHAINED collection holding every output of the single-site reference."""
+    return f"{campaign}/reference"
+
+
+def _tracts_of(spec: CampaignSpec, visits: pd.DataFrame) -> list[int]:
+    table = compute_overlaps(
+        RingsSkyMap(spec.skymap.rings, spec.skymap.builder),
+        focal_plane(spec.instrument),
+        visits["visit"].to_numpy(),
+        visits["ra"].to_numpy(),
+        visits["dec"].to_numpy(),
+        visits["rotation"].to_numpy(),
+    )
+    return [int(t) for t in np.unique(table.tract)]
+
+
+def _chain(root: Path, name: str) -> list[str]:
+    from lsst.daf.butler import MissingCollectionError
+
+    with open_repo(root, writeable=False) as butler:
+        try:
+            return list(butler.collections.get_info(name).children)
+        except MissingCollectionError:
+            return []
+
+
+def run_single_site(
+    spec: CampaignSpec,
+    root: str | Path,
+    visits: pd.DataFrame,
+    client: Any,
+    *,
+    file_size: int = DEFAULT_FILE_SIZE,
+    registry_db: str | None = None,
+    progress: StepProgress | None = None,
+    quantum_progress: Callable[[int, int, QuantumOutcome], None] | None = None,
+) -> ReferenceResult:
+    """Run every step of ``spec`` on all ``visits`` in one repository.
+
+    Parameters
+    ----------
+    spec : `CampaignSpec`
+        The campaign (its steps, pipeline, instrument and skymap; sites are ignored).
+    root : `str` or `pathlib.Path`
+        Repository root (created if missing).
+    visits : `pandas.DataFrame`
+        Visits (``visit, band, ra, dec, rotation``).
+    client : `distributed.Client`
+        Dask client whose process workers execute the quanta.
+    file_size : `int`, optional
+        Size of the mock input files.
+    registry_db : `str`, optional
+        PostgreSQL URL for the registry; SQLite if `None`.
+    progress : callable, optional
+        ``progress(step, stage)`` as each stage starts.
+    quantum_progress : callable, optional
+        Passed to :func:`~drp_campaign.backends.local.workload.execute_graph`.
+
+    Returns
+    -------
+    result : `ReferenceResult`
+
+    Raises
+    ------
+    QuantumFailure
+        When a step has failed quanta (the message names them); earlier steps stay done.
+    """
+    t0 = time.perf_counter()
+    root = Path(root)
+    pipeline = str(spec.pipeline.yaml_path or spec.pipeline.yaml)
+    output = reference_collection(spec.campaign)
+    populate_repo(
+        root,
+        spec,
+        visits,
+        _tracts_of(spec, visits),
+        with_raws=True,
+        file_size=file_size,
+        registry_db=registry_db,
+        site="reference",
+    )
+    result = ReferenceResult(repo=root, output=output, setup_s=time.perf_counter() - t0)
+    defaults = collections_for(spec.instrument).defaults
+    where = step_query(spec.instrument, spec.skymap.name)
+    for step in spec.steps:
+        run = f"{output}/{step.name}"
+        chain = _chain(root, output)
+        if run in chain:
+            result.steps.append(StepResult(step.name, run, 0, {}, 0.0, 0.0, 0.0, skipped=True))
+            continue
+        # Later steps read earlier outputs through the chain (which ends with the defaults).
+        inputs = [output] if chain else [defaults]
+        graph = root / "graphs" / f"{step.name}.qg"
+        if progress:
+            progress(step.name, "build")
+        t = time.perf_counter()
+        summary = build_graph(
+            root,
+            pipeline,
+            step.subset,
+            where,
+            inputs,
+            run,
+            graph,
+            site="reference",
+            output=output,
+        )
+        build_s = time.perf_counter() - t
+        if progress:
+            progress(step.name, "execute")
+        t = time.perf_counter()
+        pre_exec_init(graph, root)
+        report = execute_graph(graph, root, client, progress=quantum_progress)
+        exec_s = time.perf_counter() - t
+        if not report.ok:
+            raise QuantumFailure(report)
+        if progress:
+            progress(step.name, "aggregate")
+        t = time.perf_counter()
+        aggregate(graph, root)
+        result.steps.append(
+            StepResult(
+                step.name,
+                run,
+                summary.n_quanta,
+                summary.per_task,
+                build_s,
+                exec_s,
+                time.perf_counter() - t,
+            )
+        )
+    result.wall_s = time.perf_counter() - t0
+    return result
