@@ -532,3 +532,27 @@ def _one_submit() -> SiteStepSubmit:
         output_collection=output_collection("c", "FrDF"),
         workload="panda",
     )
+
+
+def test_submits_list_the_real_pipeline_labels_of_each_step(spec: CampaignSpec) -> None:
+    # The labels each step's file configures are exactly the subset's tasks in the pipeline
+    # the campaign runs, as pipe_base reads it.
+    from lsst.pipe.base import Pipeline
+
+    pipeline_path = REPO / "pipelines" / "DRP-mock.yaml"
+    labels = {
+        step.subset: sorted(Pipeline.from_uri(f"{pipeline_path}#{step.subset}").task_labels)
+        for step in spec.steps
+    }
+    submits = submits_for_campaign(
+        spec,
+        {"USDF": [1], "FrDF": [2], "UKDF": [3]},
+        {"USDF": [3828], "FrDF": [3829], "UKDF": [3830]},
+        {s: f"/repos/{s}" for s in spec.site_names},
+        labels_by_subset=labels,
+    )
+    for submit in submits:
+        assert sorted(submit.task_memory_mb) == labels[submit.subset]
+        text = render_submit_yaml(submit)
+        for label in labels[submit.subset]:
+            assert f"  {label}:\n" in text
