@@ -25,6 +25,7 @@ from __future__ import annotations
 import concurrent.futures
 import multiprocessing
 import time
+import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -294,9 +295,11 @@ def build_graphs_parallel(
     if not requests:
         return []
     if client is not None:
-        # pure=False: two identical requests (a rebuild) must both run.
+        # pure=False and keys unique per call: a rebuild must run again, never return the
+        # previous call's futures still held by the scheduler.
+        batch = uuid.uuid4().hex[:8]
         futures = [
-            client.submit(_build_request, req, pure=False, key=f"qgraph-{i}-{req.site}")
+            client.submit(_build_request, req, pure=False, key=f"qgraph-{batch}-{i}-{req.site}")
             for i, req in enumerate(requests)
         ]
         return list(client.gather(futures))

@@ -174,10 +174,15 @@ def test_step1_with_a_dask_client(campaign: Campaign) -> None:
     requests = step_requests(spec, plan, "step1", repos, tmp / "graphs-dask")
     with dask_client(workers=2) as client:
         summaries = build_graphs_parallel(requests, client)
+        # A second call on the same client builds again (new files), never reuses old results.
+        again = step_requests(spec, plan, "step1", repos, tmp / "graphs-dask-again")
+        rebuilt = build_graphs_parallel(again, client)
     assert [s.site for s in summaries] == spec.site_names
     for summary in summaries:
         expected = _expected_counts(plan, spec, summary.site)
         assert summary.n_quanta == expected["isr"] + expected["calibrateImage"]
+    assert [s.file for s in rebuilt] == [Path(r.out_file) for r in again]
+    assert all(s.file.exists() for s in rebuilt)
 
 
 def test_whole_pipeline_at_every_site(campaign: Campaign) -> None:
