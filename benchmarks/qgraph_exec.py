@@ -62,7 +62,7 @@ def setup(work: Path, visits: int) -> tuple[Any, Any, dict[str, Path]]:
     spec, plan, repos
         The `CampaignSpec`, the `MemoryPlan` and site -> repository root.
     """
-    from drp_campaign.backends.butler import collections_for, open_repo, populate_site_repos
+    from drp_campaign.backends.butler import copy_raws, populate_site_repos
     from drp_campaign.backends.qgraph import site_selections
     from drp_campaign.model.focalplane import focal_plane
     from drp_campaign.model.plan import plan_visits
@@ -84,21 +84,10 @@ def setup(work: Path, visits: int) -> tuple[Any, Any, dict[str, Path]]:
     repos = {
         s: r.root for s, r in populate_site_repos(work, spec, plan, file_size=FILE_SIZE).items()
     }
-    defaults = collections_for(spec.instrument).defaults
     selections = site_selections(plan, spec.site_names)
-    with open_repo(repos[spec.hub], writeable=False) as hub:
-        for site, root in repos.items():
-            if site == spec.hub:
-                continue
-            refs = hub.query_datasets(
-                "raw",
-                collections=defaults,
-                where="instrument = inst AND exposure IN (visits)",
-                bind={"inst": spec.instrument, "visits": selections[site].visits.tolist()},
-                limit=None,
-            )
-            with open_repo(root) as dst:
-                dst.transfer_from(hub, refs, transfer="copy")
+    for site, root in repos.items():
+        if site != spec.hub:
+            copy_raws(repos[spec.hub], root, spec.instrument, selections[site].visits.tolist())
     return spec, plan, repos
 
 

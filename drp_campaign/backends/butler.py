@@ -1012,3 +1012,41 @@ def populate_repo(
             )
         define_defaults_chain(butler, spec.instrument)
     return SiteRepo(site, root, names.defaults, n_raws, site == spec.hub)
+
+
+def copy_raws(
+    hub_root: str | Path, site_root: str | Path, instrument: str, visits: Sequence[int]
+) -> int:
+    """Copy the raws of ``visits`` from the hub's repository into a site's (same dataset IDs).
+
+    A direct ``transfer_from`` between repositories on one file system: the embedded stand-in for
+    raw distribution through Rucio and the Replica Monitor. Idempotent.
+
+    Parameters
+    ----------
+    hub_root, site_root : `str` or `pathlib.Path`
+        Repository roots.
+    instrument : `str`
+        Instrument name.
+    visits : sequence of `int`
+        Visits (one exposure each, same id) whose raws the site needs.
+
+    Returns
+    -------
+    n : `int`
+        Raws found at the hub for those visits.
+    """
+    if len(visits) == 0:
+        return 0
+    defaults = collections_for(instrument).defaults
+    with open_repo(hub_root, writeable=False) as hub:
+        refs = hub.query_datasets(
+            "raw",
+            collections=defaults,
+            where="instrument = inst AND exposure IN (visits)",
+            bind={"inst": instrument, "visits": [int(v) for v in visits]},
+            limit=None,
+        )
+        with open_repo(site_root) as dst:
+            dst.transfer_from(hub, refs, transfer="copy")
+    return len(refs)

@@ -241,7 +241,8 @@ def build_graph(
     )
 
 
-def _build_request(request: GraphRequest) -> GraphSummary:
+def build_request(request: GraphRequest) -> GraphSummary:
+    """Build the graph a :class:`GraphRequest` describes (see :func:`build_graph`)."""
     return build_graph(
         request.repo_root,
         request.pipeline_yaml,
@@ -299,7 +300,7 @@ def build_graphs_parallel(
         # previous call's futures still held by the scheduler.
         batch = uuid.uuid4().hex[:8]
         futures = [
-            client.submit(_build_request, req, pure=False, key=f"qgraph-{batch}-{i}-{req.site}")
+            client.submit(build_request, req, pure=False, key=f"qgraph-{batch}-{i}-{req.site}")
             for i, req in enumerate(requests)
         ]
         return list(client.gather(futures))
@@ -310,7 +311,7 @@ def build_graphs_parallel(
     with concurrent.futures.ProcessPoolExecutor(
         max_workers=workers, mp_context=ctx, initializer=_worker_init
     ) as pool:
-        pending = [pool.submit(_build_request, req) for req in requests]
+        pending = [pool.submit(build_request, req) for req in requests]
         concurrent.futures.wait(pending)
         return [f.result() for f in pending]
 

@@ -14,8 +14,8 @@ from lsst.pipe.base.quantum_graph import PredictedQuantumGraph
 
 from drp_campaign.backends.butler import (
     collections_for,
+    copy_raws,
     ingest_mock_datasets,
-    open_repo,
     populate_site_repos,
 )
 from drp_campaign.backends.qgraph import (
@@ -23,6 +23,7 @@ from drp_campaign.backends.qgraph import (
     GraphRequest,
     build_graph,
     build_graphs_parallel,
+    build_request,
     site_selections,
     step_query,
     step_requests,
@@ -60,19 +61,9 @@ def campaign(tmp_path_factory: pytest.TempPathFactory) -> Campaign:
     repos = {s: r.root for s, r in populate_site_repos(tmp, spec, plan, file_size=200).items()}
     # Raws reach the other sites by transfer (issue 4's job); copy each site's own visits here.
     selections = site_selections(plan, spec.site_names)
-    with open_repo(repos[spec.hub], writeable=False) as hub:
-        for site, root in repos.items():
-            if site == spec.hub:
-                continue
-            refs = hub.query_datasets(
-                "raw",
-                collections=DEFAULTS,
-                where="instrument = inst AND exposure IN (visits)",
-                bind={"inst": INSTRUMENT, "visits": selections[site].visits.tolist()},
-                limit=None,
-            )
-            with open_repo(root) as dst:
-                dst.transfer_from(hub, refs, transfer="copy")
+    for site, root in repos.items():
+        if site != spec.hub:
+            copy_raws(repos[spec.hub], root, INSTRUMENT, selections[site].visits.tolist())
     return spec, plan, repos, tmp
 
 
@@ -222,16 +213,7 @@ def test_every_step_at_every_site(campaign: Campaign) -> None:
         assert [r.site for r in requests] == ([spec.hub] if gathered else spec.site_names)
         for request in requests:
             _fake_missing_inputs(Path(request.repo_root), step.subset)
-            summary = build_graph(
-                request.repo_root,
-                request.pipeline_yaml,
-                request.subset,
-                request.where,
-                request.input_collections,
-                request.output_run,
-                request.out_file,
-                site=request.site,
-            )
+            summary = build_request(request)
             assert summary.n_quanta > 0, (step.name, request.site)
             expected = _expected_counts(plan, spec, request.site)
             for task, n in summary.per_task.items():
