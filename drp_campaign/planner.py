@@ -19,7 +19,6 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +31,7 @@ from .model.assign import assign_visits
 from .model.focalplane import focal_plane
 from .model.overlaps import OverlapTable, compute_overlaps, patch_key, split_patch_key
 from .model.partition import SHARE_TOLERANCE, Partition, partition_patches
-from .model.sky import RingsSkyMap
+from .model.sky import sky_map
 from .model.spec import CampaignSpec
 from .model.survey import survey_from_spec
 from .model.transfers import NOMINAL_BYTES, detector_needs, transfer_rows, visit_costs
@@ -64,12 +63,6 @@ class _Geometry:
     instrument: str
 
 
-@lru_cache(maxsize=4)
-def _skymap(rings: int, builder: str) -> RingsSkyMap:
-    # One per worker process: tract and patch boxes are cached inside it.
-    return RingsSkyMap(num_rings=rings, builder=builder)  # type: ignore[arg-type]
-
-
 @dataclass(frozen=True)
 class PlanResult:
     """What a plan run produced: the output directory and the summary it wrote."""
@@ -84,7 +77,7 @@ class PlanResult:
 def _overlaps_chunk(
     geom: _Geometry, chunk: pd.DataFrame, part: str
 ) -> tuple[np.ndarray, np.ndarray, int]:
-    sky = _skymap(geom.rings, geom.builder)
+    sky = sky_map(geom.rings, geom.builder)
     table = compute_overlaps(
         sky,
         focal_plane(geom.instrument),
@@ -342,7 +335,7 @@ def run_plan(
     # Chunks are compact on the sky (ordered by the tract of the boresight, then visit id), so a
     # chunk's visits share tracts and each tract is projected once for many visits. The order is
     # a pure function of the visits, so the files do not depend on chunk size or input order.
-    sky = _skymap(geom.rings, geom.builder)
+    sky = sky_map(geom.rings, geom.builder)
     spatial = visits.assign(
         _tract=sky.find_tracts(visits["ra"].to_numpy(), visits["dec"].to_numpy())
     )

@@ -86,7 +86,7 @@ from lsst.sphgeom import ConvexPolygon, UnitVector3d
 
 from ..model.focalplane import focal_plane
 from ..model.plan import MemoryPlan
-from ..model.sky import RingsSkyMap
+from ..model.sky import sky_map
 from ..model.spec import CampaignSpec
 from .instrument import (
     PHYSICAL_FILTERS,
@@ -301,15 +301,10 @@ def open_repo(root: str | Path, writeable: bool = True) -> Butler:
 
 # --------------------------------------------------------------------------------- dimensions
 @lru_cache(maxsize=4)
-def _skymap(rings: int, builder: str) -> RingsSkyMap:
-    return RingsSkyMap(rings, builder)  # type: ignore[arg-type]
-
-
-@lru_cache(maxsize=4)
 def _patch_maxima(rings: int, builder: str) -> tuple[int, int]:
     # lsst.skymap records the largest patch grid of *all* tracts (0.6 s for 120 rings), not only
     # the registered ones, so the skymap record is the same whatever the campaign touches.
-    sky = _skymap(rings, builder)
+    sky = sky_map(rings, builder)
     nx = ny = 0
     for tract in sky:
         tx, ty = tract.num_patches
@@ -408,7 +403,7 @@ def register_skymap(
         instead of all 18,938 keeps the registry small; the skymap record itself (hash, maxima)
         is exactly lsst.skymap's, so a repository with the real skymap stays compatible.
     """
-    sky = _skymap(rings, builder)
+    sky = sky_map(rings, builder)
     nx_max, ny_max = _patch_maxima(rings, builder)
     butler.registry.syncDimensionData(
         "skymap",

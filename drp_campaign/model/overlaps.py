@@ -14,13 +14,12 @@ reference and the benchmark's baseline.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
 
 import numpy as np
 import numpy.typing as npt
 from lsst.sphgeom import DISJOINT, ConvexPolygon, LonLat, UnitVector3d
 
-from .focalplane import FocalPlane, focal_plane
+from .focalplane import FocalPlane
 from .sky import RingsSkyMap, TractInfo
 
 __all__ = [
@@ -339,13 +338,3 @@ def brute_force_overlaps(
         arr[:, 2].astype(np.int32),
         arr[:, 3].astype(np.int16),
     )
-
-
-def plane_for(instrument: str) -> FocalPlane:
-    """Return the (cached) focal plane of an instrument; a thin alias kept for worker processes."""
-    return _plane_cached(instrument)
-
-
-@lru_cache(maxsize=8)
-def _plane_cached(instrument: str) -> FocalPlane:
-    return focal_plane(instrument)

@@ -23,7 +23,7 @@ import math
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, lru_cache
 from typing import Literal
 
 import lsst.sphgeom as sphgeom
@@ -1015,3 +1015,26 @@ class RingsSkyMap:
         sha1.update(packed)
         sha1.update(struct.pack("<id", self.num_rings, self.ra_start_deg))
         return sha1.digest()
+
+
+@lru_cache(maxsize=8)
+def sky_map(num_rings: int = 120, builder: str = "cells") -> RingsSkyMap:
+    """Return a shared `RingsSkyMap` for these parameters (one per process).
+
+    Tracts and their patch boxes are cached inside a sky map, so code that plans, registers or
+    queries the same sky should share one instance rather than build its own.
+
+    Parameters
+    ----------
+    num_rings : `int`
+        Number of rings.
+    builder : `str`
+        ``cells`` or ``legacy``.
+
+    Returns
+    -------
+    sky : `RingsSkyMap`
+    """
+    if builder not in ("cells", "legacy"):
+        raise ValueError(f"unknown tract builder {builder!r}: use 'cells' or 'legacy'")
+    return RingsSkyMap(num_rings=num_rings, builder=builder)  # type: ignore[arg-type]
