@@ -43,7 +43,14 @@ __all__ = [
     "RuleNotFound",
     "RuleState",
     "ScopeNotFound",
+    "TERMINAL_STATES",
+    "LabelReport",
     "TransferEvent",
+    "WorkloadAuthError",
+    "WorkloadError",
+    "WorkloadService",
+    "WorkloadState",
+    "WorkloadStatus",
     "file_adler32",
     "parse_rse_expression",
     "rse_name",
@@ -456,4 +463,93 @@ class DataCatalog(Protocol):
         self, after_seq: int = 0, dst_rse: str | None = None, limit: int | None = None
     ) -> list[TransferEvent]:
         """Transfer events with ``seq > after_seq``, oldest first, optionally for one RSE."""
+        ...
+
+
+# ----------------------------------------------------------------------------------------------
+# The workload interface: who runs a site's step once its graph inputs are in place
+
+
+class WorkloadState(enum.StrEnum):
+    """State of a submitted site-step run (BPS's ``WmsStates`` folded to what flows act on)."""
+
+    RUNNING = "RUNNING"  # queued, building, running or merging
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"  # finished with failed jobs: `WorkloadService.restart` retries them
+    CANCELLED = "CANCELLED"
+    HELD = "HELD"  # suspended by the system or an operator
+
+
+TERMINAL_STATES = frozenset(
+    {WorkloadState.SUCCEEDED, WorkloadState.FAILED, WorkloadState.CANCELLED}
+)
+
+
+@dataclass(frozen=True)
+class LabelReport:
+    """Counts of one pipetask label (or cluster) of a run, as ``bps report`` shows them."""
+
+    label: str
+    total: int
+    succeeded: int
+    failed: int
+    exit_codes: tuple[int, ...] = ()  # distinct non-zero exit codes of the failed jobs
+
+
+@dataclass(frozen=True)
+class WorkloadStatus:
+    """What a workload system says about one run."""
+
+    run_id: str
+    state: WorkloadState
+    labels: tuple[LabelReport, ...] = ()
+    message: str = ""
+
+    @property
+    def failed_labels(self) -> list[LabelReport]:
+        """Labels with at least one failed job."""
+        return [label for label in self.labels if label.failed]
+
+
+class WorkloadError(RuntimeError):
+    """A workload system refused a call or could not be reached; the message says what to do."""
+
+
+class WorkloadAuthError(WorkloadError):
+    """The workload system rejected the credentials (an expired token, a wrong VO)."""
+
+
+@runtime_checkable
+class WorkloadService(Protocol):
+    """Runs the BPS submission of one step at one site: PanDA in production, local by default.
+
+    ``submit`` returns at once with a run id for an asynchronous system (PanDA) or after the run
+    for a synchronous one (the local executor); callers always poll `status` until a state in
+    `TERMINAL_STATES`, so both look the same to a flow.
+    """
+
+    def ping(self) -> None:
+        """Check the service answers and accepts the credentials (raises `WorkloadError`)."""
+        ...
+
+    def submit(self, submit_yaml: Path, graph: Path | None = None) -> str:
+        """Submit the BPS submit file ``submit_yaml`` (with a prebuilt ``graph``, if given).
+
+        Returns
+        -------
+        run_id : `str`
+            The run's id in the workload system (a PanDA request id, or a local run id).
+        """
+        ...
+
+    def status(self, run_id: str) -> WorkloadStatus:
+        """State of a run, with per-label counts once known."""
+        ...
+
+    def cancel(self, run_id: str) -> None:
+        """Cancel a run (idempotent)."""
+        ...
+
+    def restart(self, run_id: str) -> str:
+        """Retry the failed jobs of a finished run; returns the id to poll from now on."""
         ...
