@@ -19,7 +19,7 @@ PYTHON_312 := $(shell \
 	  done; \
 	fi)
 
-.PHONY: all venv demo plan test lint typecheck unit clean bench-quick
+.PHONY: all venv demo plan test lint typecheck unit clean bench-quick rucio-venv rucio-up rucio-down
 
 all: test
 
@@ -59,3 +59,17 @@ bench-quick: venv
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) plan .mypy_cache .ruff_cache .pytest_cache .hypothesis
+
+# A real local Rucio 41.5.1 (PostgreSQL, server, daemons; scripts/rucio_local). Its own
+# environment .venv-rucio (Python 3.11) is built on first use; settings in $(DEMO_DIR)/rucio.
+RUCIO_LOCAL := scripts/rucio_local/rucio-local.sh
+
+rucio-venv:
+	$(RUCIO_LOCAL) venv
+
+rucio-up:
+	$(RUCIO_LOCAL) start $(DEMO_DIR)/rucio
+	@$(RUCIO_LOCAL) env $(DEMO_DIR)/rucio
+
+rucio-down:
+	$(RUCIO_LOCAL) stop $(DEMO_DIR)/rucio

@@ -34,6 +34,9 @@ from drp_campaign.backends.interfaces import (
     rse_name,
 )
 from drp_campaign.backends.local.catalog import EmbeddedCatalog
+from drp_campaign.backends.rucio import RucioCatalog, rucio_client
+
+from .conftest import LocalRucio
 
 HUB = rse_name("SLAC", "butler")
 FRDF = rse_name("FrDF", "butler")
@@ -83,10 +86,28 @@ def _embedded(tmp_path: Path) -> CatalogEnv:
     return CatalogEnv(cat, {}, settle, repair)
 
 
-# The real-Rucio implementation (a local Rucio server and daemons) joins this list when it lands.
-@pytest.fixture(params=["embedded"])
+def _rucio(tmp_path: Path, rucio: LocalRucio) -> CatalogEnv:
+    # A fresh VO per test: an empty namespace on the session's server (see conftest.py).
+    client = rucio_client(rucio.client_settings(rucio.new_vo()))
+    cat = RucioCatalog(client, tmp_path / "rucio-events.sqlite3")
+
+    def settle(concurrency: int = 4) -> None:
+        # Rucio's daemons copy with their own parallelism: wait for them, do not drive them.
+        rucio.settle(cat)
+
+    def repair() -> None:
+        cat.repair()
+
+    return CatalogEnv(cat, {}, settle, repair)
+
+
+@pytest.fixture(params=["embedded", pytest.param("rucio", marks=pytest.mark.rucio)])
 def env(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[CatalogEnv]:
-    e = {"embedded": _embedded}[request.param](tmp_path)
+    if request.param == "rucio":
+        # Only the Rucio parameter starts (once per session) the local Rucio.
+        e = _rucio(tmp_path, request.getfixturevalue("local_rucio"))
+    else:
+        e = _embedded(tmp_path)
     for rse in (HUB, FRDF, UKDF):
         root = tmp_path / "storage" / rse
         e.catalog.add_rse(rse, root)
