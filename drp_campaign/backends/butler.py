@@ -740,6 +740,8 @@ def ingest_mock_calibs(
     refs: list[DatasetRef] = []
     for name, (dims, storage_class) in CALIB_DATASET_TYPES.items():
         dataset_type = _mock_dataset_type(butler, name, dims, storage_class, is_calibration=True)
+        if not det_list:
+            continue  # only the dataset types and collections (calibrations arrive later)
         data_ids = _expanded_data_ids(
             butler,
             dims,
@@ -755,6 +757,49 @@ def ingest_mock_calibs(
     if collection not in chain:
         butler.collections.redefine_chain(names.calib_chain, [*chain, collection])
     return refs
+
+
+def certify_calibs(butler: Butler, instrument: str) -> int:
+    """Certify the calibrations that arrived in the unbounded calibration RUN (idempotent).
+
+    Replicated calibrations are ingested into their RUN from their sidecars, which carry no
+    validity range; the source certified them over an unbounded timespan, so the same is done
+    here.
+
+    Parameters
+    ----------
+    butler : `lsst.daf.butler.Butler`
+        Writeable Butler.
+    instrument : `str`
+        Instrument name.
+
+    Returns
+    -------
+    n : `int`
+        Calibrations newly certified.
+    """
+    names = collections_for(instrument)
+    run = f"{names.calib}/unbounded"
+    if run not in butler.collections.query(run):
+        return 0
+    n = 0
+    for name in CALIB_DATASET_TYPES:
+        refs = butler.query_datasets(name, collections=run, explain=False, limit=None)
+        certified = (
+            {
+                r.id
+                for r in butler.query_datasets(
+                    name, collections=names.calib, explain=False, limit=None, find_first=False
+                )
+            }
+            if refs
+            else set()
+        )
+        new = [r for r in refs if r.id not in certified]
+        if new:
+            butler.registry.certify(names.calib, new, Timespan(None, None))
+            n += len(new)
+    return n
 
 
 def ingest_mock_skymap(
@@ -956,6 +1001,7 @@ def populate_repo(
     file_size: int = DEFAULT_FILE_SIZE,
     registry_db: str | None = None,
     site: str = "",
+    with_calibs: bool = True,
 ) -> SiteRepo:
     """Create (or reopen) one repository with the campaign's records, calibrations and skymap.
 
@@ -977,6 +1023,9 @@ def populate_repo(
         PostgreSQL URL; SQLite if `None`.
     site : `str`, optional
         Site name recorded in the result.
+    with_calibs : `bool`, optional
+        Ingest the calibrations; `False` for a site that receives them by replication (its
+        calibration collections are still defined, empty).
 
     Returns
     -------
@@ -988,7 +1037,12 @@ def populate_repo(
     root = Path(root)
     with create_repo(root, registry_db=registry_db) as butler:
         register_campaign_dimensions(butler, spec, visits, spec.skymap.name, tract_list)
-        ingest_mock_calibs(butler, spec.instrument, size_bytes=file_size)
+        if with_calibs:
+            ingest_mock_calibs(butler, spec.instrument, size_bytes=file_size)
+        else:
+            # The dataset types and the (empty) CALIBRATION collection in the calib chain, so
+            # replicated calibrations can be certified on arrival.
+            ingest_mock_calibs(butler, spec.instrument, detectors=[], size_bytes=file_size)
         ingest_mock_skymap(butler, spec.skymap.name, size_bytes=file_size)
         # The raw dataset type exists everywhere: transfers land in it, and a graph built
         # before they arrive is reported as empty rather than as an unknown dataset type.

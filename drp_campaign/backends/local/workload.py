@@ -26,6 +26,7 @@ from typing import Any
 
 __all__ = [
     "ExecutionReport",
+    "LocalService",
     "QuantumFailure",
     "QuantumOutcome",
     "aggregate",
@@ -289,3 +290,131 @@ def aggregate(graph_path: str | Path, butler_config: str | Path) -> None:
         n_processes=1,
     )
     aggregator.aggregate_graph(str(graph_path), str(butler_config), config)
+
+
+# --- the WorkloadService of the embedded default -----------------------------------------------
+
+
+class LocalService:
+    """The embedded `WorkloadService`: runs a site's BPS submission on a Dask client.
+
+    It reads what it needs from the rendered BPS submit file (``payload.butlerConfig``) and
+    executes the prebuilt graph the way a BPS workflow does: ``pre-exec-init``, every quantum
+    through the quantum-backed butler, then the final job (`aggregate`). It is synchronous:
+    `submit` returns once the run has ended, and `status` reports what the run left in
+    ``state_dir`` (so a new process, after a crash, sees it too). A resubmission after a crash
+    skips the quanta whose outputs exist already (``skip_existing``), so nothing is done twice.
+    It is not a BPS ``BaseWmsService``; the submit file's ``wmsServiceClass`` names it so that
+    the file says which system runs it.
+
+    Parameters
+    ----------
+    client : `distributed.Client`
+        Dask client with process workers (one thread each).
+    state_dir : `str` or `pathlib.Path`
+        Where each run's status is kept (``<run_id>.json``).
+    progress : callable, optional
+        ``progress(done, total, outcome)`` after each quantum.
+    """
+
+    def __init__(
+        self, client: Any, state_dir: str | Path, *, progress: ProgressFn | None = None
+    ) -> None:
+        self.client = client
+        self.state_dir = Path(state_dir)
+        self.progress = progress
+
+    def ping(self) -> None:
+        """The local executor answers as long as its Dask client does."""
+        from ..interfaces import WorkloadError
+
+        if self.client.status != "running":
+            raise WorkloadError(f"the local Dask client is {self.client.status}")
+
+    @staticmethod
+    def _run_id(submit_yaml: Path) -> str:
+        return f"local-{submit_yaml.stem}"
+
+    def submit(self, submit_yaml: Path, graph: Path | None = None) -> str:
+        """Execute the graph of a submission and merge its outputs; returns the run id."""
+        import yaml
+
+        from ..interfaces import WorkloadError
+
+        if graph is None:
+            raise WorkloadError(
+                f"{submit_yaml}: the local executor needs the prebuilt graph (build it first)"
+            )
+        config = yaml.safe_load(Path(submit_yaml).read_text())
+        butler_config = str(config["payload"]["butlerConfig"])
+        run_id = self._run_id(Path(submit_yaml))
+        common = {"graph": str(graph), "submit_yaml": str(submit_yaml)}
+        self._write(run_id, {"state": "RUNNING", **common})
+        pre_exec_init(graph, butler_config)
+        report = execute_graph(graph, butler_config, self.client, progress=self.progress)
+        state = "SUCCEEDED"
+        if report.ok:
+            aggregate(graph, butler_config)  # the final job
+        else:
+            state = "FAILED"
+        labels: dict[str, dict[str, int]] = {}
+        for task, n in report.per_task.items():
+            labels.setdefault(task, {"total": 0, "succeeded": 0, "failed": 0})
+            labels[task]["succeeded"] += n
+            labels[task]["total"] += n
+        for failure in report.failures:
+            labels.setdefault(failure.task, {"total": 0, "succeeded": 0, "failed": 0})
+            labels[failure.task]["failed"] += 1
+            labels[failure.task]["total"] += 1
+        self._write(
+            run_id,
+            {
+                "state": state,
+                **common,
+                "labels": labels,
+                "n_quanta": report.n_quanta,
+                "wall_s": report.wall_s,
+                "message": "" if report.ok else report.describe_failures(),
+            },
+        )
+        return run_id
+
+    def _write(self, run_id: str, status: dict[str, Any]) -> None:
+        import json
+        import os
+
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.state_dir / f".{run_id}.json.tmp"
+        tmp.write_text(json.dumps(status, sort_keys=True))
+        os.replace(tmp, self.state_dir / f"{run_id}.json")
+
+    def status(self, run_id: str) -> Any:
+        """The state a run left (RUNNING if its process died mid-run: resubmit it)."""
+        import json
+
+        from ..interfaces import LabelReport, WorkloadError, WorkloadState, WorkloadStatus
+
+        path = self.state_dir / f"{run_id}.json"
+        if not path.exists():
+            raise WorkloadError(f"no local run {run_id!r} in {self.state_dir}")
+        data = json.loads(path.read_text())
+        labels = tuple(
+            LabelReport(label, c["total"], c["succeeded"], c["failed"], (1,) if c["failed"] else ())
+            for label, c in sorted(data.get("labels", {}).items())
+        )
+        return WorkloadStatus(run_id, WorkloadState(data["state"]), labels, data.get("message", ""))
+
+    def cancel(self, run_id: str) -> None:
+        """Nothing runs in the background: a cancelled flow stops the synchronous run itself."""
+
+    def restart(self, run_id: str) -> str:
+        """Run the failed quanta again (the others are skipped as their outputs exist)."""
+        import json
+
+        data = json.loads((self.state_dir / f"{run_id}.json").read_text())
+        submit_yaml = Path(str(data.get("submit_yaml", "")))
+        if not submit_yaml.exists():
+            from ..interfaces import WorkloadError
+
+            raise WorkloadError(f"local run {run_id!r} cannot be restarted: submit file missing")
+        return self.submit(submit_yaml, Path(data["graph"]))

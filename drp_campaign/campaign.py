@@ -1,0 +1,937 @@
+"""A multi-site campaign without Prefect: every stage of every (step, site), resumable.
+
+The Prefect flows (``flows/``) only sequence and fan out the methods of `CampaignRun`; the
+work, and the rules that make it safe to repeat, live here and are tested without Prefect.
+
+Stages and what makes each idempotent (the ledger, `drp_campaign.ledger`, records every one):
+
+==========  ===============================================================================
+setup       a site's Butler repo (dimension records, skymap; raws and calibrations at the hub)
+            and its RSEs; reruns add nothing.
+distribute  raws (each site's visits) and calibrations from the hub to every site, ingested
+            on arrival by the Replica Monitor; rules are idempotent, ingestion skips what is
+            there.
+stage       the inputs a step's graph needs that the site lacks: found by building the site's
+            graph at the hub (which holds every published product), minus what the site has;
+            moved as one dataset with one rule, ingested on arrival.
+bps         the site's BPS submit file.
+build       the site's QuantumGraph, built against its own repo on the Dask client.
+submit      the workload service runs it; the run id is recorded, and a rerun polls it (a
+            local run that died mid-way is resubmitted: quanta with outputs are skipped).
+publish     the step's products registered in the catalog, with a rule to the hub.
+arrive      closed loop: returns once every product is ingested at the hub.
+==========  ===============================================================================
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import shutil
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import pandas as pd
+
+from .backends.butler import (
+    DEFAULT_FILE_SIZE,
+    certify_calibs,
+    collections_for,
+    open_repo,
+    populate_repo,
+    site_repo_root,
+)
+from .backends.ingest import (
+    ANCILLARY_SCOPE,
+    RAW_SCOPE,
+    ReplicaMonitor,
+    ensure_site_storage,
+    register_datasets,
+)
+from .backends.interfaces import (
+    DID,
+    TERMINAL_STATES,
+    DataCatalog,
+    RuleState,
+    WorkloadService,
+    WorkloadState,
+    rse_name,
+)
+from .backends.qgraph import EmptyGraphError, GraphRequest, build_request, site_selections
+from .ledger import CAMPAIGN, Ledger, StageState
+from .model.bps import (
+    SiteStepSubmit,
+    output_collection,
+    output_run,
+    render_submit_yaml,
+)
+from .model.spec import CampaignSpec
+
+__all__ = [
+    "TEMPORARY_DATASET_TYPES",
+    "ArrivalTimeout",
+    "CampaignRun",
+    "SiteStepFailed",
+    "campaign_output",
+    "is_product",
+    "staged_collection",
+]
+
+_LOG = logging.getLogger(__name__)
+
+# Temporaries never leave the site that made them (DESIGN.md section 5): the DRP's own names.
+TEMPORARY_DATASET_TYPES = frozenset({"postISRCCD", "directWarp", "psfMatchedWarp"})
+
+Progress = Callable[[str], None]
+StageRunner = Callable[[str, Callable[[], dict[str, Any]]], dict[str, Any]]
+
+
+def campaign_output(campaign: str) -> str:
+    """The hub's CHAINED collection of every published product: ``<campaign>/output``."""
+    return f"{campaign}/output"
+
+
+def staged_collection(campaign: str, site: str) -> str:
+    """The CHAINED collection of the other sites' runs present at ``site``."""
+    return f"{campaign}/{site}/staged"
+
+
+def is_product(dataset_type: str) -> bool:
+    """Whether a dataset type is published to the hub: not a temporary, not bookkeeping.
+
+    Init-outputs (``*_config``, ``packages``) exist once per run, so they differ between a
+    multi-site and a single-site run by design; logs and metadata stay with the run.
+    """
+    return not (
+        dataset_type in TEMPORARY_DATASET_TYPES
+        or dataset_type == "packages"
+        or dataset_type.endswith(("_config", "_log", "_metadata"))
+    )
+
+
+class SiteStepFailed(RuntimeError):
+    """A site-step failed; the message names step, site, stage and cause."""
+
+    def __init__(self, step: str, site: str, stage: str, cause: str) -> None:
+        self.step, self.site, self.stage = step, site, stage
+        super().__init__(f"{step} at {site} failed in stage '{stage}': {cause}")
+
+
+class ArrivalTimeout(RuntimeError):
+    """Files did not arrive (and get ingested) in time; the message names them."""
+
+
+@dataclass
+class SiteStepResult:
+    """What one site-step did (figures for the report)."""
+
+    step: str
+    site: str
+    skipped: bool = False
+    n_quanta: int = 0
+    staged_files: int = 0
+    staged_bytes: int = 0
+    published_files: int = 0
+    published_bytes: int = 0
+    stages_s: dict[str, float] = field(default_factory=dict)
+
+
+class CampaignRun:
+    """Every stage of a campaign at every site, against a work directory.
+
+    Parameters
+    ----------
+    spec : `CampaignSpec`
+        The campaign.
+    workdir : `str` or `pathlib.Path`
+        Work directory: ``plan/``, ``repos/<site>/``, ``storage/``, ``submit/``, ``ledger.sqlite``.
+    catalog : `DataCatalog`
+        The data catalog (embedded or Rucio).
+    workloads : mapping of `str` to `WorkloadService`
+        The workload service of each site.
+    client : `distributed.Client`
+        Dask client for graph builds (and the local executor's quanta).
+    pump : callable, optional
+        Called while waiting for transfers: the embedded catalog's transfer worker
+        (``catalog.process_transfers``); `None` when daemons move the files (Rucio).
+    file_size : `int`, optional
+        Size of the mock raws and calibrations.
+    poll_s : `float`, optional
+        First interval when polling a workload or transfers (doubles up to 30 s).
+    arrival_timeout_s : `float`, optional
+        How long `wait_until_arrived` waits for files.
+    progress : callable, optional
+        ``progress(message)`` as stages start and end.
+    """
+
+    def __init__(
+        self,
+        spec: CampaignSpec,
+        workdir: str | Path,
+        *,
+        catalog: DataCatalog,
+        workloads: Mapping[str, WorkloadService],
+        client: Any,
+        pump: Callable[[], object] | None = None,
+        file_size: int = DEFAULT_FILE_SIZE,
+        poll_s: float = 0.2,
+        arrival_timeout_s: float = 600.0,
+        progress: Progress | None = None,
+    ) -> None:
+        self.spec = spec
+        self.workdir = Path(workdir).absolute()
+        self.catalog = catalog
+        self.workloads = dict(workloads)
+        self.client = client
+        self.pump = pump
+        self.file_size = file_size
+        self.poll_s = poll_s
+        self.arrival_timeout_s = arrival_timeout_s
+        self.progress = progress or (lambda message: _LOG.info("%s", message))
+        self.ledger = Ledger(self.workdir / "ledger.sqlite")
+        self.plan_dir = self.workdir / "plan"
+        self.scope = spec.campaign[:25]
+        self._pump_lock = threading.Lock()
+        self._monitor_locks: dict[str, threading.Lock] = {s: threading.Lock() for s in spec.sites}
+        self._monitors: dict[str, ReplicaMonitor] = {}
+
+    # ---------------------------------------------------------------------------- helpers
+    @property
+    def hub(self) -> str:
+        """The hub site's name."""
+        return self.spec.hub
+
+    def repo(self, site: str) -> Path:
+        """A site's repository root."""
+        return site_repo_root(self.workdir, site)
+
+    def visits(self) -> pd.DataFrame:
+        """The plan's visits (with their ``site``)."""
+        return pd.read_parquet(self.plan_dir / "visits.parquet")
+
+    def tracts(self) -> list[int]:
+        """Tracts touched by the campaign's visits."""
+        overlaps = pd.read_parquet(self.plan_dir / "overlaps.parquet", columns=["tract"])
+        return sorted(int(t) for t in overlaps["tract"].unique())
+
+    def sites_of(self, step: str) -> list[str]:
+        """Sites that run ``step``: the hub alone for a gathered step, else every site."""
+        s = self.spec.step(step)
+        return [self.hub] if s.placement == "gather" or s.shard == "none" else self.spec.site_names
+
+    def _monitor(self, site: str) -> ReplicaMonitor:
+        if site not in self._monitors:
+            self._monitors[site] = ReplicaMonitor(
+                self.catalog,
+                self.repo(site),
+                [rse_name(site, "raw"), rse_name(site, "butler")],
+                self.workdir / "monitor" / f"{site}.sqlite",
+            )
+        return self._monitors[site]
+
+    def run_stage(
+        self, step: str, site: str, stage: str, fn: Callable[[], Mapping[str, Any] | None]
+    ) -> dict[str, Any]:
+        """Run ``fn`` as the ledger stage (step, site, stage) unless it is done.
+
+        Returns
+        -------
+        figures : `dict`
+            What ``fn`` returned now, or what the ledger kept from the run that did it.
+        """
+        record = self.ledger.get(step, site, stage)
+        if record is not None and record.done:
+            return dict(record.figures)
+        self.ledger.start(step, site, stage)
+        self.progress(f"{step} {site}: {stage}")
+        try:
+            figures = dict(fn() or {})
+        except _Skip as skip:
+            self.ledger.finish(step, site, stage, {"reason": str(skip)}, skipped=True)
+            raise
+        except BaseException as exc:  # recorded, then re-raised: the flow decides
+            self.ledger.fail(step, site, stage, f"{type(exc).__name__}: {exc}")
+            raise
+        self.ledger.finish(step, site, stage, figures)
+        return figures
+
+    # ---------------------------------------------------------------------- campaign stages
+    def plan(self, dask_address: str | None = None, workers: int = 2) -> dict[str, Any]:
+        """Plan the campaign into ``<workdir>/plan`` with Dask (stage ``plan``).
+
+        Parameters
+        ----------
+        dask_address : `str`, optional
+            Scheduler to plan on; by default this run's client's.
+        workers : `int`
+            Workers of a local cluster when there is no client.
+
+        Returns
+        -------
+        figures : `dict`
+            The plan summary.
+        """
+        from .planner import run_plan
+
+        def work() -> dict[str, Any]:
+            address = dask_address
+            if address is None and self.client is not None:
+                address = self.client.scheduler.address
+            result = run_plan(self.spec, self.plan_dir, dask_address=address, workers=workers)
+            return {"out_dir": str(result.out_dir), **result.summary}
+
+        if not (self.plan_dir / "visits.parquet").exists():
+            self.ledger.reset(CAMPAIGN, CAMPAIGN, ["plan"])
+        return self.run_stage(CAMPAIGN, CAMPAIGN, "plan", work)
+
+    def run_step(self, step: str, sites: Sequence[str] | None = None) -> dict[str, Any]:
+        """Run a step at its sites concurrently (threads); raise naming every failed site.
+
+        Returns
+        -------
+        results : `dict`
+            Site -> `SiteStepResult`.
+        """
+        from concurrent.futures import ThreadPoolExecutor
+
+        targets = [s for s in self.sites_of(step) if sites is None or s in sites]
+        with ThreadPoolExecutor(max_workers=max(len(targets), 1)) as pool:
+            futures = {s: pool.submit(self.run_site_step, step, s) for s in targets}
+            outcomes: dict[str, Any] = {}
+            for site, future in futures.items():
+                try:
+                    outcomes[site] = future.result()
+                except Exception as exc:  # every site finishes before the step fails
+                    outcomes[site] = exc
+        failed = {s: o for s, o in outcomes.items() if isinstance(o, BaseException)}
+        if failed:
+            raise RuntimeError(
+                f"{step} failed at {', '.join(sorted(failed))}:\n"
+                + "\n".join(f"{s}: {e}" for s, e in failed.items())
+            )
+        return outcomes
+
+    def run_all(self, steps: Sequence[str] | None = None) -> dict[str, Any]:
+        """The plain driver: plan, set up every site, distribute inputs, run every step.
+
+        Parameters
+        ----------
+        steps : sequence of `str`, optional
+            Only these steps (default: all, in order).
+
+        Returns
+        -------
+        results : `dict`
+            Step -> site -> `SiteStepResult`.
+        """
+        self.plan()
+        for site in self.spec.site_names:
+            self.setup_site(site)
+        self.distribute_inputs()
+        return {step: self.run_step(step) for step in steps or self.spec.step_names}
+
+    def setup_site(self, site: str) -> dict[str, Any]:
+        """Create a site's repository and RSEs (stage ``setup``)."""
+
+        def work() -> dict[str, Any]:
+            repo = populate_repo(
+                self.repo(site),
+                self.spec,
+                self.visits(),
+                self.tracts(),
+                with_raws=site == self.hub,
+                with_calibs=site == self.hub,
+                file_size=self.file_size,
+                site=site,
+            )
+            rses = ensure_site_storage(
+                self.catalog, self.workdir, site, [RAW_SCOPE, ANCILLARY_SCOPE, self.scope]
+            )
+            return {"raws": repo.n_raws, **rses}
+
+        return self.run_stage(CAMPAIGN, site, "setup", work)
+
+    def distribute_inputs(self) -> dict[str, Any]:
+        """Replicate calibrations to every site and each site's raws (stage ``distribute``).
+
+        Returns
+        -------
+        figures : `dict`
+            Files and bytes per site.
+        """
+
+        def work() -> dict[str, Any]:
+            hub_repo = self.repo(self.hub)
+            names = collections_for(self.spec.instrument)
+            visits = self.visits()
+            hub_raw = rse_name(self.hub, "raw")
+            figures: dict[str, Any] = {}
+            rules: dict[str, list[str]] = {}
+            with open_repo(hub_repo, writeable=False) as butler:
+                calibs = [
+                    ref
+                    for name in ("bias", "flat")
+                    for ref in butler.query_datasets(
+                        name, collections=f"{names.calib}/unbounded", explain=False, limit=None
+                    )
+                ]
+                calib_ds = DID(ANCILLARY_SCOPE, f"{self.spec.campaign}/calibs")
+                calib_files = register_datasets(
+                    self.catalog,
+                    butler,
+                    calibs,
+                    repo_root=hub_repo,
+                    rse=hub_raw,
+                    scope=ANCILLARY_SCOPE,
+                    dataset=calib_ds,
+                    close=True,
+                )
+                for site in self.spec.site_names:
+                    if site == self.hub:
+                        continue
+                    site_visits = sorted(int(v) for v in visits.loc[visits.site == site].visit)
+                    raws = (
+                        butler.query_datasets(
+                            "raw",
+                            collections=names.raw_run,
+                            where="instrument = inst AND exposure IN (visits)",
+                            bind={"inst": self.spec.instrument, "visits": site_visits},
+                            explain=False,
+                            limit=None,
+                        )
+                        if site_visits
+                        else []
+                    )
+                    raw_ds = DID(RAW_SCOPE, f"{self.spec.campaign}/raws/{site}")
+                    raw_files = register_datasets(
+                        self.catalog,
+                        butler,
+                        raws,
+                        repo_root=hub_repo,
+                        rse=hub_raw,
+                        scope=RAW_SCOPE,
+                        dataset=raw_ds,
+                        close=True,
+                    )
+                    dst = rse_name(site, "raw")
+                    rules[site] = [
+                        self.catalog.add_rule(calib_ds, dst),
+                        self.catalog.add_rule(raw_ds, dst),
+                    ]
+                    for i, rule in enumerate(rules[site]):
+                        self.ledger.set_name(CAMPAIGN, site, f"distribute_rule_{i}", rule)
+                    figures[site] = {
+                        "raw_files": len(raw_files),
+                        "raw_bytes": sum(f.bytes for f in raw_files),
+                        "calib_files": len(calib_files),
+                        "calib_bytes": sum(f.bytes for f in calib_files),
+                    }
+            for site, site_rules in rules.items():
+                self.wait_until_arrived(site, site_rules)
+                with open_repo(self.repo(site)) as butler:
+                    certify_calibs(butler, self.spec.instrument)
+            return figures
+
+        return self.run_stage(CAMPAIGN, CAMPAIGN, "distribute", work)
+
+    # ------------------------------------------------------------------------ data movement
+    def pump_transfers(self) -> None:
+        """Let transfers progress once (the embedded worker; a no-op under Rucio's daemons)."""
+        if self.pump is None:
+            return
+        # One pump at a time: concurrent sites share the embedded worker.
+        if self._pump_lock.acquire(blocking=False):
+            try:
+                self.pump()
+            finally:
+                self._pump_lock.release()
+
+    def ingest_arrivals(self, site: str) -> Any:
+        """Run the site's Replica Monitor once (ingest what arrived)."""
+        with self._monitor_locks[site]:
+            return self._monitor(site).poll()
+
+    def wait_until_arrived(self, site: str, rule_ids: Sequence[str], *, ingest: bool = True) -> int:
+        """Return once every file of the rules is at ``site`` and ingested in its Butler.
+
+        Parameters
+        ----------
+        site : `str`
+            Destination site.
+        rule_ids : sequence of `str`
+            Rules whose files must arrive.
+        ingest : `bool`, optional
+            Also wait for the Replica Monitor to ingest them (`False` for files that are not
+            Butler datasets, such as graphs).
+
+        Returns
+        -------
+        n : `int`
+            Files covered by the rules.
+
+        Raises
+        ------
+        ArrivalTimeout
+            After ``arrival_timeout_s``, or at once when a rule is STUCK; names the files.
+        """
+        deadline = time.monotonic() + self.arrival_timeout_s
+        delay = self.poll_s
+        dids: set[str] = set()
+        for rule_id in rule_ids:
+            rule = self.catalog.get_rule(rule_id)
+            dids.update(str(f.did) for f in self.catalog.list_dataset_files(rule.did))
+        while True:
+            self.pump_transfers()
+            got = self.ingest_arrivals(site)
+            rules = [self.catalog.get_rule(r) for r in rule_ids]
+            missing = sorted(dids - self._monitor(site).done(dids)) if ingest else []
+            if not missing and all(r.state == RuleState.OK for r in rules):
+                return len(dids)
+            stuck = [r for r in rules if r.state == RuleState.STUCK]
+            rejected = [(d, why) for d, why in self._monitor(site).rejected() if d in dids]
+            if stuck or rejected or time.monotonic() > deadline:
+                why = [f"rule {r.id} STUCK: {r.error}" for r in stuck]
+                why += [f"{d} rejected on arrival: {reason}" for d, reason in rejected[:5]]
+                raise ArrivalTimeout(
+                    f"{len(missing)} file(s) not ingested at {site} "
+                    f"({'; '.join(why) if why else 'timed out'}): "
+                    + ", ".join(missing[:10])
+                    + (" ..." if len(missing) > 10 else "")
+                )
+            # Back off while nothing arrives; poll again soon when something did.
+            delay = self.poll_s if got.events else min(delay * 2, 10.0)
+            time.sleep(delay)
+
+    # ------------------------------------------------------------------------- site-steps
+    def _input_collections(self, site: str) -> list[str]:
+        """Inputs of a site's next graph: its output chain (or the defaults) and staged runs."""
+        own = output_collection(self.spec.campaign, site)
+        staged = staged_collection(self.spec.campaign, site)
+        with open_repo(self.repo(site), writeable=False) as butler:
+            present = set(butler.collections.query(f"{self.spec.campaign}/{site}/*"))
+        inputs = [own if own in present else collections_for(self.spec.instrument).defaults]
+        if staged in present:
+            inputs.append(staged)
+        return inputs
+
+    def _add_to_chain(self, site: str, chain: str, runs: Iterable[str]) -> None:
+        from lsst.daf.butler import CollectionType
+
+        runs = sorted(set(runs))
+        if not runs:
+            return
+        with open_repo(self.repo(site)) as butler:
+            butler.collections.register(chain, CollectionType.CHAINED)
+            children = list(butler.collections.get_info(chain).children)
+            new = [r for r in runs if r not in children]
+            if new:
+                butler.collections.redefine_chain(chain, [*new, *children])
+
+    def _where(self, step: str, site: str) -> str:
+        from .backends.qgraph import step_query
+        from .model.sky import sky_map
+
+        s = self.spec.step(step)
+        if site not in self.sites_of(step) or len(self.sites_of(step)) == 1:
+            return step_query(self.spec.instrument, self.spec.skymap.name)
+        selection = site_selections(self.plan_dir, self.spec.site_names)[site]
+        if s.shard == "visit":
+            if selection.visits.size == 0:
+                raise _Skip(f"no visit of the campaign is assigned to {site}")
+            return step_query(
+                self.spec.instrument, self.spec.skymap.name, visits=selection.visits.tolist()
+            )
+        if selection.patches.empty:
+            raise _Skip(f"no patch of the campaign belongs to {site}")
+        sky = sky_map(self.spec.skymap.rings, self.spec.skymap.builder)
+        sizes = {
+            int(t): int(sky[int(t)].num_patches[0] * sky[int(t)].num_patches[1])
+            for t in selection.patches["tract"].unique()
+        }
+        return step_query(
+            self.spec.instrument,
+            self.spec.skymap.name,
+            patches=selection.patches,
+            tract_sizes=sizes,
+        )
+
+    def _request(
+        self,
+        step: str,
+        site: str,
+        repo: Path,
+        inputs: Sequence[str],
+        out: Path,
+        *,
+        run: str,
+        output: str | None,
+    ) -> GraphRequest:
+        s = self.spec.step(step)
+        return GraphRequest(
+            repo_root=str(repo),
+            pipeline_yaml=str(self.spec.pipeline.yaml_path or self.spec.pipeline.yaml),
+            subset=s.subset,
+            where=self._where(step, site),
+            input_collections=tuple(inputs),
+            output_run=run,
+            out_file=str(out),
+            site=site,
+            output=output,
+        )
+
+    def _build(self, request: GraphRequest) -> Any:
+        # Graph builds run in a Dask worker process: the Butler and the pipeline imports stay
+        # out of the orchestrating process, and several sites build at once.
+        return self.client.submit(build_request, request, pure=False).result()
+
+    def stage_step_inputs(self, step: str, site: str) -> dict[str, Any]:
+        """Move to ``site`` exactly the inputs its graph for ``step`` needs and lacks.
+
+        The site's graph is first built at the hub (which holds every published product) and
+        its overall inputs are compared with the site's datasets; the missing ones (overlap
+        PVIs before step3, a gathered step's per-visit outputs, other sites' coadd catalogs)
+        are attached to one dataset ruled to the site and ingested on arrival.
+
+        Returns
+        -------
+        figures : `dict`
+            ``files``, ``bytes`` moved and the ``runs`` they came from.
+        """
+        if site == self.hub:
+            return {"files": 0, "bytes": 0, "runs": []}
+        from lsst.pipe.base.quantum_graph import PredictedQuantumGraph
+
+        from .backends import zipfix
+
+        zipfix.apply()
+        probe_file = self.workdir / "graphs" / "probe" / step / f"{site}.qg"
+        # Everything published (if anything yet) and the campaign's inputs.
+        hub_inputs = [collections_for(self.spec.instrument).defaults]
+        with open_repo(self.repo(self.hub), writeable=False) as hub:
+            if campaign_output(self.spec.campaign) in hub.collections.query("*"):
+                hub_inputs.insert(0, campaign_output(self.spec.campaign))
+        try:
+            self._build(
+                self._request(
+                    step,
+                    site,
+                    self.repo(self.hub),
+                    hub_inputs,
+                    probe_file,
+                    run=f"{self.spec.campaign}/probe/{step}/{site}",
+                    output=None,
+                )
+            )
+        except EmptyGraphError as err:
+            raise _Skip(f"nothing to do: {err}") from err
+        import lsst.pipe.base.tests.mocks  # noqa: F401
+
+        graph = PredictedQuantumGraph.read_execution_quanta(str(probe_file))
+        needed = {ref.id: ref for ref in _overall_inputs(graph)}
+        site_inputs = self._input_collections(site)
+        with open_repo(self.repo(site), writeable=False) as butler:
+            have = {i for i, ref in needed.items() if _site_has(butler, ref, site_inputs)}
+        missing = [ref for i, ref in needed.items() if i not in have]
+        if not missing:
+            return {"files": 0, "bytes": 0, "runs": []}
+        with open_repo(self.repo(self.hub), writeable=False) as hub:
+            missing_expanded = [hub.get_dataset(ref.id) for ref in missing]
+            dids = []
+            for ref in missing_expanded:
+                assert ref is not None
+                uri = hub.getURI(ref)
+                dids.append(DID(self.scope, str(Path(uri.ospath).relative_to(self.repo(self.hub)))))
+        dataset = DID(self.scope, f"{self.spec.campaign}/stage/{step}/{site}")
+        self.catalog.add_dataset(dataset)
+        self.catalog.attach(dataset, dids)
+        self.catalog.close(dataset)
+        rule = self.catalog.add_rule(dataset, rse_name(site, "butler"))
+        self.ledger.set_name(step, site, "stage_rule", rule)
+        n = self.wait_until_arrived(site, [rule])
+        runs = sorted({ref.run for ref in missing})
+        self._add_to_chain(site, staged_collection(self.spec.campaign, site), runs)
+        files = self.catalog.list_dataset_files(dataset)
+        return {"files": n, "bytes": sum(f.bytes for f in files), "runs": runs}
+
+    def submit_file(self, step: str, site: str) -> Path:
+        """Render the BPS submit file of a site-step (stage ``bps``); returns its path."""
+        s = self.spec.step(step)
+        site_spec = self.spec.sites[site]
+        workload: Literal["local", "panda"] = (
+            "panda" if type(self.workloads[site]).__name__ == "PandaWorkload" else "local"
+        )
+        submit = SiteStepSubmit(
+            campaign=self.spec.campaign,
+            step=step,
+            subset=s.subset,
+            site=site,
+            compute_site=site_spec.compute_site,
+            cloud=site_spec.cloud,
+            pipeline_yaml=str(self.spec.pipeline.yaml_path or self.spec.pipeline.yaml),
+            butler_config=str(self.repo(site)),
+            data_query=self._where(step, site),
+            input_collections=self._input_collections(site),
+            output_run=output_run(self.spec.campaign, step, site),
+            output_collection=output_collection(self.spec.campaign, site),
+            workload=workload,
+            submit_path=str(self.workdir / "submit" / site / step),
+        )
+        path = self.workdir / "submit" / site / submit.file_name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(render_submit_yaml(submit))
+        tmp.replace(path)
+        return path
+
+    def graph_file(self, step: str, site: str) -> Path:
+        """Where a site-step's graph is saved (inside the site's storage, so it can ship)."""
+        return self.repo(site) / "graphs" / step / f"{site}.qg"
+
+    def run_site_step(
+        self, step: str, site: str, runner: StageRunner | None = None
+    ) -> SiteStepResult:
+        """Run every stage of one step at one site, skipping what the ledger says is done.
+
+        Parameters
+        ----------
+        step, site : `str`
+            The site-step.
+        runner : callable, optional
+            ``runner(stage, fn)`` runs one stage's work ``fn()`` and returns its figures; the
+            flows pass one that makes each stage a Prefect task. Default: call ``fn()``.
+
+        Returns
+        -------
+        result : `SiteStepResult`
+
+        Raises
+        ------
+        SiteStepFailed
+            Naming the stage and the cause (failed labels and exit codes for a failed run).
+        drp_campaign.ledger.SiteStepBusy
+            If another live process is running the same site-step.
+        """
+        run = runner or (lambda stage, fn: fn())
+        result = SiteStepResult(step, site)
+        stages: list[tuple[str, Callable[[], Mapping[str, Any] | None]]] = [
+            ("stage", lambda: self.stage_step_inputs(step, site)),
+            ("bps", lambda: {"file": str(self.submit_file(step, site))}),
+            ("build", lambda: self._build_site(step, site)),
+            ("submit", lambda: self._submit(step, site)),
+            ("publish", lambda: self.publish_outputs(step, site)),
+            ("arrive", lambda: self._arrive(step, site)),
+        ]
+        with self.ledger.claim(step, site):
+            for name, fn in stages:
+                record = self.ledger.get(step, site, name)
+                if record is not None and record.state == StageState.SKIPPED:
+                    result.skipped = True
+                    return result
+                try:
+                    figures = run(name, functools.partial(self.run_stage, step, site, name, fn))
+                except _Skip:
+                    result.skipped = True
+                    self.progress(f"{step} {site}: nothing to do")
+                    return result
+                except SiteStepFailed:
+                    raise
+                except Exception as exc:
+                    raise SiteStepFailed(step, site, name, f"{type(exc).__name__}: {exc}") from exc
+                if name == "stage":
+                    result.staged_files = int(figures.get("files", 0))
+                    result.staged_bytes = int(figures.get("bytes", 0))
+                elif name == "build":
+                    result.n_quanta = int(figures["n_quanta"])
+                elif name == "publish":
+                    result.published_files = int(figures.get("files", 0))
+                    result.published_bytes = int(figures.get("bytes", 0))
+        for record in self.ledger.records(step, site):
+            if record.seconds is not None:
+                result.stages_s[record.stage] = record.seconds
+        return result
+
+    def _build_site(self, step: str, site: str) -> dict[str, Any]:
+        inputs = self._input_collections(site)
+        try:
+            summary = self._build(
+                self._request(
+                    step,
+                    site,
+                    self.repo(site),
+                    inputs,
+                    self.graph_file(step, site),
+                    run=output_run(self.spec.campaign, step, site),
+                    output=output_collection(self.spec.campaign, site),
+                )
+            )
+        except EmptyGraphError as err:
+            raise _Skip(f"nothing to do: {err}") from err
+        # Ship the graph to the hub for provenance (a file DID ruled to the hub's disk).
+        graph_did = self._register_graph(step, site)
+        return {
+            "n_quanta": summary.n_quanta,
+            "per_task": summary.per_task,
+            "build_s": summary.seconds,
+            "graph": str(summary.file),
+            "graph_did": str(graph_did),
+        }
+
+    def _register_graph(self, step: str, site: str) -> DID:
+        from .backends.interfaces import NewFile, file_adler32
+
+        path = self.graph_file(step, site)
+        did = DID(self.scope, str(path.relative_to(self.repo(site))))
+        self.catalog.register_replicas(
+            rse_name(site, "butler"),
+            [NewFile(did.scope, did.name, path.stat().st_size, file_adler32(path))],
+        )
+        if site != self.hub:
+            rule = self.catalog.add_rule(did, rse_name(self.hub, "butler"))
+            self.ledger.set_name(step, site, "graph_rule", rule)
+        return did
+
+    def _submit(self, step: str, site: str) -> dict[str, Any]:
+        service = self.workloads[site]
+        bps = self._figures(step, site, "bps")
+        built = self._figures(step, site, "build")
+        run_id = self.ledger.name(step, site, "run_id")
+        status = service.status(run_id) if run_id else None
+        local = type(service).__name__ == "LocalService"
+        if status is None or (local and status.state == WorkloadState.RUNNING):
+            # Never submitted, or a local run whose process died: (re)submit. A remote run
+            # that is still RUNNING is polled below, never submitted twice.
+            run_id = service.submit(Path(bps["file"]), Path(built["graph"]))
+            self.ledger.set_name(step, site, "run_id", run_id)
+        elif status.state == WorkloadState.FAILED:
+            run_id = service.restart(run_id)  # type: ignore[arg-type]
+            self.ledger.set_name(step, site, "run_id", run_id)
+        assert run_id is not None
+        t0 = time.monotonic()
+        delay = self.poll_s
+        while True:
+            status = service.status(run_id)
+            if status.state in TERMINAL_STATES:
+                break
+            time.sleep(delay)
+            delay = min(delay * 2, 30.0)
+        if status.state != WorkloadState.SUCCEEDED:
+            labels = ", ".join(
+                f"{lab.label}: {lab.failed}/{lab.total} failed (exit codes {list(lab.exit_codes)})"
+                for lab in status.failed_labels
+            )
+            raise SiteStepFailed(
+                step,
+                site,
+                "submit",
+                f"run {run_id} {status.state.value}: {labels or status.message}"
+                + (f"\n{status.message}" if labels and status.message else ""),
+            )
+        return {
+            "run_id": run_id,
+            "wait_s": time.monotonic() - t0,
+            "labels": {lab.label: lab.succeeded for lab in status.labels},
+        }
+
+    def publish_outputs(self, step: str, site: str) -> dict[str, Any]:
+        """Register a site-step's products in the catalog and rule them to the hub.
+
+        Returns
+        -------
+        figures : `dict`
+            ``files`` and ``bytes`` registered, the ``rule`` id (none at the hub).
+        """
+        run = output_run(self.spec.campaign, step, site)
+        with open_repo(self.repo(site), writeable=False) as butler:
+            refs = (
+                [
+                    ref
+                    for dt in butler.registry.queryDatasetTypes()
+                    if is_product(dt.name)
+                    for ref in butler.query_datasets(dt, collections=run, explain=False, limit=None)
+                ]
+                if run in butler.collections.query(run)
+                else []
+            )
+            dataset = DID(self.scope, f"{self.spec.campaign}/products/{step}/{site}")
+            files = register_datasets(
+                self.catalog,
+                butler,
+                refs,
+                repo_root=self.repo(site),
+                rse=rse_name(site, "butler"),
+                scope=self.scope,
+                dataset=dataset,
+                close=True,
+            )
+        figures: dict[str, Any] = {
+            "files": len(files),
+            "bytes": sum(f.bytes for f in files),
+            "dataset": str(dataset),
+            "run": run,
+        }
+        if site != self.hub and files:
+            figures["rule"] = self.catalog.add_rule(dataset, rse_name(self.hub, "butler"))
+            self.ledger.set_name(step, site, "publish_rule", figures["rule"])
+        return figures
+
+    def _figures(self, step: str, site: str, stage: str) -> dict[str, Any]:
+        record = self.ledger.get(step, site, stage)
+        if record is None or not record.done:
+            raise RuntimeError(f"{step} at {site}: stage '{stage}' has not run")
+        return dict(record.figures)
+
+    def _arrive(self, step: str, site: str) -> dict[str, Any]:
+        publish = self._figures(step, site, "publish")
+        run = str(publish["run"])
+        t0 = time.monotonic()
+        rule = publish.get("rule")
+        n = self.wait_until_arrived(self.hub, [rule]) if rule else 0
+        graph_rule = self.ledger.name(step, site, "graph_rule")
+        if graph_rule:  # a graph is not a Butler dataset: arrived when its rule is OK
+            self.wait_until_arrived(self.hub, [graph_rule], ingest=False)
+        if publish.get("files"):
+            self._add_to_chain(self.hub, campaign_output(self.spec.campaign), [run])
+            if site != self.hub:
+                self._add_to_chain(self.hub, staged_collection(self.spec.campaign, self.hub), [run])
+        return {"files": n, "wait_s": time.monotonic() - t0}
+
+    # ------------------------------------------------------------------------------ reruns
+    def forget_site_step(self, step: str, site: str) -> None:
+        """Make a site-step run again from scratch (an operator's explicit rerun)."""
+        self.ledger.reset(step, site)
+        shutil.rmtree(self.workdir / "submit" / site / step, ignore_errors=True)
+
+
+class _Skip(Exception):
+    """A stage found nothing to do at this site (recorded as SKIPPED, not an error)."""
+
+
+def _site_has(butler: Any, ref: Any, collections: Sequence[str]) -> bool:
+    """Whether a site's repo holds ``ref``, or the same dataset made there (e.g. its skyMap)."""
+    from lsst.daf.butler import MissingDatasetTypeError
+
+    if butler.get_dataset(ref.id) is not None:
+        return True
+    if ref.datasetType.isCalibration():
+        return False  # calibrations travel with their UUIDs (distribute_inputs)
+    try:
+        return butler.find_dataset(ref.datasetType, ref.dataId, collections=collections) is not None
+    except MissingDatasetTypeError:
+        return False
+
+
+def _overall_inputs(graph: Any) -> list[Any]:
+    """The input refs (prerequisites included) of a graph that no quantum of it produces."""
+    produced: set[Any] = set()
+    consumed: dict[Any, Any] = {}
+    for quantum in graph.build_execution_quanta().values():
+        for refs in quantum.outputs.values():
+            produced.update(ref.id for ref in refs)
+        for refs in quantum.inputs.values():
+            for ref in refs:
+                consumed[ref.id] = ref
+    return [ref for i, ref in consumed.items() if i not in produced]
