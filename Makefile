@@ -5,6 +5,7 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 SPEC ?= deployments/campaigns/dc2-test-med-1.yaml
+DEMO_SPEC ?= deployments/campaigns/dc2-test-med-1-demo.yaml
 DEMO_DIR ?= demo
 
 # A Python >= 3.12: python3.12 / python3.13 if they run, else pyenv's 3.12 (on these machines 3.12
@@ -19,7 +20,8 @@ PYTHON_312 := $(shell \
 	  done; \
 	fi)
 
-.PHONY: all venv demo plan test lint typecheck unit clean bench-quick rucio-venv rucio-up rucio-down
+.PHONY: all venv demo demo-rucio plan serve serve-stop test lint typecheck unit clean bench-quick \
+	rucio-venv rucio-up rucio-down
 
 all: test
 
@@ -36,10 +38,27 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 venv: $(VENV)/.installed
 
+# The whole campaign on the embedded default, on a local Prefect server (stopped at the end;
+# KEEP_SERVER=1 keeps it for the UI), verified against a single-site run; prints the report.
 demo: venv
-	$(VENV)/bin/drp-campaign plan $(SPEC) --out $(DEMO_DIR)/plan
+	scripts/demo.sh $(VENV)/bin $(DEMO_SPEC) $(DEMO_DIR)
 
-plan: demo
+# The same with the real local Rucio as the data catalog.
+demo-rucio: venv
+	scripts/demo.sh $(VENV)/bin $(DEMO_SPEC) $(DEMO_DIR)-rucio --rucio
+
+# Only the plan of the full-size dc2-test-med-1 (LSSTCam-imSim, 300 visits).
+plan: venv
+	$(VENV)/bin/drp-campaign plan $(SPEC) --out $(DEMO_DIR)/plan-full
+
+# A Prefect server with API auth on 127.0.0.1, a process worker, the deployments and the
+# Blocks of the demo campaign: then `source $(DEMO_DIR)/prefect/env.sh` and use the UI or
+# `prefect deployment run 'drp-step/default' -p step=step3 -p sites='["FrDF"]'`.
+serve: venv
+	scripts/serve.sh $(VENV)/bin $(DEMO_SPEC) $(DEMO_DIR) start
+
+serve-stop: venv
+	scripts/serve.sh $(VENV)/bin $(DEMO_SPEC) $(DEMO_DIR) stop
 
 lint: venv
 	$(VENV)/bin/ruff check .

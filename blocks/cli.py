@@ -10,6 +10,7 @@ import typer
 
 from drp_campaign.model.spec import SpecError, load_spec
 
+from .credentials import RucioCredentials
 from .manage import BlockConflict, NoPrefectAPI, register_block_types, save_embedded_blocks
 
 app = typer.Typer(
@@ -66,14 +67,43 @@ def local(
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace blocks that hold other values.")
     ] = False,
+    rucio_settings: Annotated[
+        Path | None,
+        typer.Option(
+            "--rucio-settings",
+            help="Use the Rucio of this settings file (rucio-local.json of "
+            "scripts/rucio_local) as the data catalog instead of the embedded one.",
+        ),
+    ] = None,
 ) -> None:
     """Save an embedded-default DataFacility block for every site of a campaign."""
     try:
         campaign = load_spec(spec)
     except SpecError as exc:
         raise _fail(str(exc), EXIT_USAGE) from None
+    rucio = None
+    if rucio_settings is not None:
+        import json
+
+        try:
+            client = json.loads(rucio_settings.read_text())["client"]
+        except (OSError, KeyError, ValueError) as exc:
+            raise _fail(
+                f"{rucio_settings}: not a rucio-local.json with a 'client' object ({exc}); "
+                "start the local Rucio with `make rucio-up`",
+                EXIT_USAGE,
+            ) from None
+        rucio = RucioCredentials(
+            rucio_host=client["host"],
+            auth_host=client.get("auth_host") or client["host"],
+            account=client["account"],
+            vo=client.get("vo", "def"),
+            auth_type=client.get("auth_type", "userpass"),
+            username=client.get("username"),
+            password=client.get("password"),
+        )
     try:
-        saved = save_embedded_blocks(campaign, workdir, overwrite=overwrite)
+        saved = save_embedded_blocks(campaign, workdir, overwrite=overwrite, rucio=rucio)
     except (NoPrefectAPI, BlockConflict) as exc:
         raise _fail(str(exc)) from None
     except httpx.HTTPError as exc:

@@ -116,7 +116,11 @@ def _values(block: Block) -> Any:
 
 
 def save_embedded_blocks(
-    spec: CampaignSpec, workdir: Path, *, overwrite: bool = False
+    spec: CampaignSpec,
+    workdir: Path,
+    *,
+    overwrite: bool = False,
+    rucio: RucioCredentials | None = None,
 ) -> list[SavedBlock]:
     """Save the embedded-default `DataFacility` block of every site of a campaign.
 
@@ -131,6 +135,9 @@ def save_embedded_blocks(
         Work directory of the embedded default.
     overwrite : `bool`, optional
         Replace blocks that hold other values.
+    rucio : `RucioCredentials`, optional
+        Use this Rucio as every site's data catalog instead of the embedded one (the local
+        Rucio of ``make demo-rucio``).
 
     Returns
     -------
@@ -160,6 +167,8 @@ def save_embedded_blocks(
     plan: list[tuple[str, str, DataFacility, Literal["created", "unchanged", "overwritten"]]] = []
     for name, site in names.items():
         facility = embedded_data_facility(spec, site, workdir)
+        if rucio is not None:
+            facility = facility.model_copy(update={"catalog_backend": "rucio", "rucio": rucio})
         try:
             existing = load_data_facility_document(name)
         except ValueError as exc:

@@ -145,6 +145,132 @@ def validate(spec: Annotated[Path, typer.Argument(help="Campaign spec YAML.")]) 
     )
 
 
+def _need_server() -> None:
+    import os
+
+    if not os.environ.get("PREFECT_API_URL"):
+        err_console.print(
+            "[bold red]error:[/] PREFECT_API_URL is not set. drp-campaign runs against a real "
+            "Prefect server (ephemeral mode loses run records): start one with `make serve` "
+            "(then `source <workdir>/prefect/env.sh`), or use `drp-campaign demo`, which starts "
+            "and stops its own."
+        )
+        raise typer.Exit(EXIT_USAGE)
+
+
+@app.command()
+def run(
+    spec: Annotated[Path, typer.Argument(help="Campaign spec YAML.")],
+    workdir: Annotated[Path, typer.Option("--workdir", help="Work directory.")] = Path("demo"),
+    steps: Annotated[
+        list[str] | None, typer.Option("--step", help="Only this step (repeatable).")
+    ] = None,
+    verify: Annotated[
+        bool, typer.Option("--verify/--no-verify", help="Compare with a single-site run.")
+    ] = True,
+    prefect: Annotated[
+        bool,
+        typer.Option(
+            "--prefect/--no-prefect",
+            help="Run through the Prefect flows (default), or the plain driver (embedded "
+            "backends, no server: benchmarks and fault tests).",
+        ),
+    ] = True,
+) -> None:
+    """Run a whole campaign (the drp-campaign flow) on the Prefect server of PREFECT_API_URL."""
+    campaign = _load(spec)
+    if steps:
+        unknown = sorted(set(steps) - set(campaign.step_names))
+        if unknown:
+            err_console.print(
+                f"[bold red]error:[/] unknown step(s) {unknown}; {spec} has {campaign.step_names}"
+            )
+            raise typer.Exit(EXIT_USAGE)
+    if prefect:
+        _need_server()
+        from flows.campaign import drp_campaign_flow
+
+        result = drp_campaign_flow(
+            str(spec.absolute()), str(workdir.absolute()), steps, None, verify
+        )
+    else:
+        result = _run_plain(campaign, workdir, steps, verify)
+    console.print(f"report: {result['report']}")
+    if not result["passed"]:
+        err_console.print("[bold red]the milestone report has failures[/] (see the report)")
+        raise typer.Exit(1)
+
+
+def _run_plain(
+    campaign: Any, workdir: Path, steps: list[str] | None, verify: bool
+) -> dict[str, Any]:
+    """The campaign without Prefect: the same stages, ledger and report."""
+    from .backends.factory import make_campaign_run
+    from .planner import dask_client
+    from .report.milestone import write_milestone
+    from .verify import reference_and_compare
+
+    def say(message: str) -> None:
+        err_console.print(f"[dim]{time.strftime('%H:%M:%S')}[/] {message}", highlight=False)
+
+    with dask_client(workers=2) as client:
+        run = make_campaign_run(campaign, workdir, client, progress=say)
+        run.run_all(steps)
+        verification = reference_and_compare(run) if verify else None
+        report = write_milestone(run, verification, workdir / "report")
+    return {"report": str(report.markdown_path), "passed": report.passed}
+
+
+@app.command()
+def status(
+    workdir: Annotated[Path, typer.Option("--workdir", help="Work directory.")] = Path("demo"),
+    step: Annotated[str | None, typer.Option("--step", help="Only this step.")] = None,
+    site: Annotated[str | None, typer.Option("--site", help="Only this site.")] = None,
+) -> None:
+    """Print the campaign ledger: every (step, site, stage), its state, time and error."""
+    from .ledger import Ledger
+
+    path = workdir / "ledger.sqlite"
+    if not path.exists():
+        err_console.print(f"[bold red]error:[/] no ledger at {path}: nothing has run there yet")
+        raise typer.Exit(EXIT_USAGE)
+    ledger = Ledger(path)
+    table = Table(title=f"campaign ledger ({path})")
+    for col in ("step", "site", "stage", "state", "seconds", "attempts", "detail"):
+        table.add_column(col)
+    colours = {"DONE": "green", "SKIPPED": "cyan", "RUNNING": "yellow", "FAILED": "red"}
+    for r in ledger.records(step, site):
+        detail = r.error or ", ".join(
+            f"{k}={v}" for k, v in r.figures.items() if isinstance(v, (int, float, str))
+        )
+        table.add_row(
+            r.step,
+            r.site,
+            r.stage,
+            f"[{colours.get(r.state, 'white')}]{r.state}[/]",
+            f"{r.seconds:.1f}" if r.seconds is not None else "",
+            str(r.attempts),
+            detail[:90],
+        )
+    console.print(table)
+
+
+def _mount_subcommands() -> None:
+    # The blocks commands talk to the Prefect API (the blocks package imports prefect); typer
+    # needs the sub-apps at start-up, so they are imported here, not in every module.
+    from blocks.cli import app as blocks_app
+
+    from .cli_panda import app as panda_app
+
+    app.add_typer(
+        blocks_app, name="blocks", help="Prefect Blocks of the sites (settings, secrets)."
+    )
+    app.add_typer(panda_app, name="panda", help="PanDA: ping a site's server, report its runs.")
+
+
+_mount_subcommands()
+
+
 def main() -> None:
     """Entry point of the ``drp-campaign`` script."""
     try:

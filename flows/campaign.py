@@ -1,0 +1,217 @@
+"""The campaign's Prefect flows: they only sequence and fan out.
+
+``drp-campaign`` (plan, set up sites, distribute inputs, every step in order, verify, report)
+-> ``drp-step`` (one step at all or some sites: the rerun unit) -> ``drp-site-step`` (one step
+at one site, each stage a task). ``drp-plan`` plans with Dask. Parameters are names and paths,
+never secrets: credentials come from each site's `DataFacility` Block, loaded in the tasks.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+from drp_campaign.campaign import SiteStepFailed, SiteStepResult
+from drp_campaign.ledger import SiteStepBusy
+from tasks.campaign import distribute_inputs, plan_campaign, setup_site
+from tasks.runtime import campaign_run
+
+__all__ = ["drp_campaign_flow", "drp_plan", "drp_site_step", "drp_step"]
+
+
+@flow(name="drp-plan", flow_run_name="plan {spec}", log_prints=True)
+def drp_plan(
+    spec: str, workdir: str, dask_address: str | None = None, workers: int = 2
+) -> dict[str, Any]:
+    """Plan a campaign with Dask into ``<workdir>/plan`` (a coarse task driving a Dask client).
+
+    Parameters
+    ----------
+    spec : `str`
+        Campaign spec path.
+    workdir : `str`
+        Work directory.
+    dask_address : `str`, optional
+        An existing Dask scheduler; by default a local cluster on 127.0.0.1.
+    workers : `int`
+        Workers of the local cluster.
+    """
+    return plan_campaign(spec, workdir, dask_address, workers)
+
+
+def _stage_runner(step: str, site: str) -> Any:
+    def run(stage: str, fn: Any) -> Any:
+        # One Prefect task per stage, named for the UI; the ledger makes it idempotent.
+        return task(name=stage, task_run_name=f"{stage} {step}@{site}")(fn)()
+
+    return run
+
+
+@flow(name="drp-site-step", flow_run_name="{step} @ {site}")
+def drp_site_step(spec: str, step: str, site: str, workdir: str) -> dict[str, Any]:
+    """Run one step at one site: stage inputs, BPS file, graph, submit and wait, publish, arrive.
+
+    Parameters
+    ----------
+    spec : `str`
+        Campaign spec path.
+    step : `str`
+        Step name.
+    site : `str`
+        Site name.
+    workdir : `str`
+        Work directory.
+    """
+    run = campaign_run(spec, workdir)
+    if site not in run.sites_of(step):
+        raise ValueError(
+            f"{step} runs at {', '.join(run.sites_of(step))} only (placement "
+            f"'{run.spec.step(step).placement}'), not at {site}"
+        )
+    result = run.run_site_step(step, site, runner=_stage_runner(step, site))
+    return vars(result)
+
+
+def _site_step_in_thread(spec: str, step: str, site: str, workdir: str) -> Any:
+    try:
+        return drp_site_step(spec, step, site, workdir)
+    except (SiteStepFailed, SiteStepBusy) as exc:
+        return exc
+
+
+def _step_run_name() -> str:
+    from prefect.runtime import flow_run
+
+    params = flow_run.parameters
+    sites = params.get("sites")
+    return f"{params['step']} @ {', '.join(sites) if sites else 'all sites'}"
+
+
+@flow(name="drp-step", flow_run_name=_step_run_name)
+def drp_step(spec: str, step: str, workdir: str, sites: list[str] | None = None) -> dict[str, Any]:
+    """Run one step at all (or the given) sites concurrently; the unit of reruns.
+
+    A gathered step runs at the hub only. Sites that fail do not stop the others; the flow
+    fails at the end naming every failed site and its cause.
+
+    Parameters
+    ----------
+    spec : `str`
+        Campaign spec path.
+    step : `str`
+        Step name.
+    workdir : `str`
+        Work directory.
+    sites : `list` [`str`], optional
+        Only these sites (default: every site that runs the step).
+    """
+    logger = get_run_logger()
+    run = campaign_run(spec, workdir)
+    targets = run.sites_of(step)
+    if sites:
+        unknown = sorted(set(sites) - set(run.spec.site_names))
+        if unknown:
+            raise ValueError(f"unknown site(s) {unknown}; the spec has {run.spec.site_names}")
+        targets = [s for s in targets if s in sites]
+    # Sites run in threads, each with a copy of this flow's context so that its subflow run is
+    # recorded as a child of this one.
+    with ThreadPoolExecutor(max_workers=max(len(targets), 1)) as pool:
+        futures = {
+            site: pool.submit(
+                contextvars.copy_context().run, _site_step_in_thread, spec, step, site, workdir
+            )
+            for site in targets
+        }
+        outcomes = {site: f.result() for site, f in futures.items()}
+    failures = {s: o for s, o in outcomes.items() if isinstance(o, BaseException)}
+    results = {s: o for s, o in outcomes.items() if not isinstance(o, BaseException)}
+    for site, result in results.items():
+        logger.info(
+            "%s at %s: %s",
+            step,
+            site,
+            "nothing to do" if result["skipped"] else f"{result['n_quanta']} quanta",
+        )
+    _publish_ledger(run)
+    if failures:
+        lines = [f"{site}: {exc}" for site, exc in failures.items()]
+        raise RuntimeError(
+            f"{step} failed at {len(failures)} site(s); the others finished. Rerun with "
+            f"`prefect deployment run 'drp-step/default' -p step={step} -p "
+            f"sites='{sorted(failures)}'` once fixed.\n" + "\n".join(lines)
+        )
+    return {"step": step, "sites": results}
+
+
+def _publish_ledger(run: Any) -> None:
+    rows = [
+        {
+            "step": r.step,
+            "site": r.site,
+            "stage": r.stage,
+            "state": r.state,
+            "seconds": round(r.seconds, 2) if r.seconds is not None else None,
+            "error": (r.error or "")[:200],
+        }
+        for r in run.ledger.records()
+    ]
+    try:
+        create_table_artifact(
+            key=f"{run.spec.campaign}-ledger", table=rows, description="Campaign ledger"
+        )
+    except Exception as exc:  # an artifact is a view: never fail the work for it
+        get_run_logger().warning("could not publish the ledger artifact: %s", exc)
+
+
+@flow(name="drp-campaign", flow_run_name="{spec}")
+def drp_campaign_flow(
+    spec: str,
+    workdir: str,
+    steps: list[str] | None = None,
+    dask_address: str | None = None,
+    verify: bool = True,
+) -> dict[str, Any]:
+    """Run a whole campaign: plan, set up sites, distribute inputs, every step, report.
+
+    Parameters
+    ----------
+    spec : `str`
+        Campaign spec path.
+    workdir : `str`
+        Work directory.
+    steps : `list` [`str`], optional
+        Only these steps (default: all, in the spec's order).
+    dask_address : `str`, optional
+        An existing Dask scheduler for planning.
+    verify : `bool`
+        Compare the hub's products with a single-site reference run and write the report.
+    """
+    from tasks.report import report_task
+
+    drp_plan(spec, workdir, dask_address)
+    run = campaign_run(spec, workdir)
+    for site in run.spec.site_names:
+        setup_site(spec, workdir, site)
+    distribute_inputs(spec, workdir)
+    results: dict[str, Any] = {}
+    for step in steps or run.spec.step_names:
+        results[step] = drp_step(spec, step, workdir)
+    report = report_task(spec, workdir, verify)
+    try:
+        create_markdown_artifact(
+            key=f"{run.spec.campaign}-milestone",
+            markdown=report["markdown"],
+            description="RTN-057 milestone report",
+        )
+    except Exception as exc:
+        get_run_logger().warning("could not publish the report artifact: %s", exc)
+    return {"steps": list(results), "report": report["path"], "passed": report["passed"]}
+
+
+def site_step_result(data: dict[str, Any]) -> SiteStepResult:
+    """Rebuild a `SiteStepResult` from a flow's return value."""
+    return SiteStepResult(**data)
