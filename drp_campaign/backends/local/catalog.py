@@ -20,6 +20,8 @@ event giving the reason, until `EmbeddedCatalog.repair` re-queues it.
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import logging
 import os
@@ -28,12 +30,12 @@ import threading
 import time
 import uuid
 import zlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from ..interfaces import (
     BLOCK_SIZE,
@@ -1016,25 +1018,27 @@ def _copy(job: _Job) -> str | None:
     tmp = dst.with_name(f".{dst.name}.{uuid.uuid4().hex[:12]}.part")
     try:
         dst.parent.mkdir(parents=True, exist_ok=True)
-        value, size = 1, 0
-        with open(job.src_path, "rb") as src, open(tmp, "wb") as out:
-            while block := src.read(BLOCK_SIZE):
-                value = zlib.adler32(block, value)
-                size += len(block)
-                out.write(block)
-            out.flush()
-            checksum = f"{value & 0xFFFFFFFF:08x}"
-            if size != job.bytes:
-                return (
-                    f"size mismatch copying {job.did} from {job.src_rse}: read {size} bytes, "
-                    f"expected {job.bytes}"
-                )
-            if checksum != job.adler32:
-                return (
-                    f"checksum mismatch copying {job.did} from {job.src_rse}: adler32 {checksum}, "
-                    f"expected {job.adler32}"
-                )
-            os.fsync(out.fileno())
+        src_fd = os.open(job.src_path, os.O_RDONLY)
+        try:
+            # O_RDWR: the copy is read back for its checksum. O_EXCL: the name is ours alone.
+            out_fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
+            try:
+                size, checksum = _copy_verified(src_fd, out_fd)
+                if size != job.bytes:
+                    return (
+                        f"size mismatch copying {job.did} from {job.src_rse}: read {size} "
+                        f"bytes, expected {job.bytes}"
+                    )
+                if checksum != job.adler32:
+                    return (
+                        f"checksum mismatch copying {job.did} from {job.src_rse}: adler32 "
+                        f"{checksum}, expected {job.adler32}"
+                    )
+                os.fsync(out_fd)
+            finally:
+                os.close(out_fd)
+        finally:
+            os.close(src_fd)
         os.replace(tmp, dst)
         _fsync_dir(dst.parent)
         return None
@@ -1042,6 +1046,100 @@ def _copy(job: _Job) -> str | None:
         return f"cannot copy {job.did} from {job.src_rse} ({job.src_path}) to {dst}: {exc}"
     finally:
         tmp.unlink(missing_ok=True)
+
+
+#: Size of the per-thread copy buffer (see `_copy_verified`): small enough that a block read
+#: back right after the kernel copied it is still in the CPU caches.
+_COPY_BLOCK = BLOCK_SIZE
+_COPY_BUFFERS = threading.local()
+#: copy_file_range errors meaning "not between these files": copy through user space instead.
+_NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP}
+
+
+def _copy_buffer() -> memoryview:
+    """This thread's copy buffer, allocated once (workers copy many files each)."""
+    buf: memoryview | None = getattr(_COPY_BUFFERS, "buf", None)
+    if buf is None:
+        buf = _COPY_BUFFERS.buf = memoryview(bytearray(_COPY_BLOCK))
+    return buf
+
+
+def _copy_verified(src_fd: int, out_fd: int) -> tuple[int, str]:
+    """Copy ``src_fd`` to the empty ``out_fd``; return the size and adler32 of what was written.
+
+    The kernel copies (``copy_file_range``: one copy, no trip through user space, as ``cp``
+    does), and each block is read back from the destination for the checksum, so what is
+    verified is what landed there. Where the kernel cannot copy between these files (another
+    file system, an old kernel, not Linux), the bytes go through a user-space buffer instead,
+    checksummed on the way.
+    """
+    buf = _copy_buffer()
+    kernel_copy = getattr(os, "copy_file_range", None)
+    if kernel_copy is not None:
+        try:
+            size, value, flushed = 0, 1, 0  # adler32's initial value is 1
+            while n := kernel_copy(src_fd, out_fd, len(buf)):
+                done = 0
+                while done < n:
+                    got = os.preadv(out_fd, [buf[done:n]], size + done)
+                    if got == 0:
+                        raise OSError(errno.EIO, "destination shorter than what was copied")
+                    done += got
+                value = zlib.adler32(buf[:n], value)  # releases the GIL for large blocks
+                size += n
+                if size - flushed >= _WRITEBACK_BLOCK:
+                    _start_writeback(out_fd, flushed, size - flushed)
+                    flushed = size
+            # Some file systems answer 0 (end of file) at once instead of failing: recopy.
+            if size >= os.fstat(src_fd).st_size:
+                return size, f"{value & 0xFFFFFFFF:08x}"
+        except OSError as exc:
+            if exc.errno not in _NO_KERNEL_COPY:
+                raise
+        os.lseek(src_fd, 0, os.SEEK_SET)
+        os.ftruncate(out_fd, 0)
+        os.lseek(out_fd, 0, os.SEEK_SET)
+    size, value, flushed = 0, 1, 0
+    while n := os.readv(src_fd, [buf]):
+        block = buf[:n]
+        value = zlib.adler32(block, value)
+        size += n
+        while block:  # a write may be short
+            block = block[os.write(out_fd, block) :]
+        if size - flushed >= _WRITEBACK_BLOCK:
+            _start_writeback(out_fd, flushed, size - flushed)
+            flushed = size
+    return size, f"{value & 0xFFFFFFFF:08x}"
+
+
+#: Bytes copied between two `_start_writeback` calls.
+_WRITEBACK_BLOCK = 8 << 20
+
+
+def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    # Linux's sync_file_range is not in the os module; libc has it (absent elsewhere: None).
+    try:
+        func = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    func.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    func.restype = ctypes.c_int
+    return cast(Callable[[int, int, int, int], int], func)
+
+
+_SYNC_FILE_RANGE = _load_sync_file_range()
+_SYNC_FILE_RANGE_WRITE = 2  # <fcntl.h>: start write-out of dirty pages, do not wait
+
+
+def _start_writeback(fd: int, offset: int, length: int) -> None:
+    """Start writing a copied range to disk now, without waiting for it.
+
+    The disk then works while the next blocks are copied and checksummed, and the final fsync
+    (still what makes the file durable) finds little left to write: it took as long as the
+    copy itself otherwise. A hint only: failures and platforms without it change nothing.
+    """
+    if _SYNC_FILE_RANGE is not None:
+        _SYNC_FILE_RANGE(fd, offset, length, _SYNC_FILE_RANGE_WRITE)  # releases the GIL
 
 
 def _fsync_dir(path: Path) -> None:
