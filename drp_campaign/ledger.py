@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["CAMPAIGN", "Ledger", "SiteStepBusy", "StageRecord", "StageState"]
+__all__ = ["CAMPAIGN", "Ledger", "SiteStepBusy", "StageRecord", "StageState", "pid_alive"]
 
 CAMPAIGN = "*"  # the step (and site) of campaign-wide stages (plan, setup, distribute, report)
 
@@ -90,7 +90,8 @@ CREATE TABLE IF NOT EXISTS leases (
 """
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process of this host is alive (a zombie counts as dead)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -291,7 +292,7 @@ class Ledger:
                 dead = (
                     row["host"] == host
                     and int(row["pid"]) != pid
-                    and not _pid_alive(int(row["pid"]))
+                    and not pid_alive(int(row["pid"]))
                 )
                 if not dead:
                     c.execute("ROLLBACK")

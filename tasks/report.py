@@ -27,4 +27,8 @@ def report_task(spec: str, workdir: str, verify: bool = True) -> dict[str, Any]:
     if verify:
         verification = reference_and_compare(run)
     result = write_milestone(run, verification, Path(workdir) / "report")
-    return {"path": str(result.markdown_path), "passed": result.passed, "markdown": result.markdown}
+    return {
+        "path": str(result.markdown_path),
+        "passed": result.passed if verify else result.tests_passed,
+        "markdown": result.markdown,
+    }

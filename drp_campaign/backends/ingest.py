@@ -23,6 +23,11 @@ registers the dataset type and RUN, and ingests the file in place. It is idempot
 delivered twice, a restarted monitor, or two monitors on one repository ingest a dataset once)
 and keeps its cursor, outcomes and rejections in an SQLite file. `wait_ingested` is the closed
 loop a flow uses to wait for a set of DIDs to be usable at a site.
+
+A sidecar carries the records of its data ID's own elements (``visit``, ``detector``,
+``visit_detector_region``...), not those that merely refer to them (``visit_definition``,
+``visit_system_membership``): graph building at the destination needs those too, which is why
+every site gets the whole campaign's dimension records up front (`.butler.populate_repo`).
 """
 
 from __future__ import annotations
@@ -710,6 +715,11 @@ class ReplicaMonitor:
         for ev in events:
             did = f"{ev.payload.get('scope')}:{ev.payload.get('name')}"
             if ev.event_type == "transfer-done":
+                if not ev.payload.get("rubin_butler"):
+                    # Not a Butler file (e.g. a QuantumGraph shipped to the hub for
+                    # provenance): nothing to ingest, and nothing wrong.
+                    _LOG.debug("replica monitor: %s is not a Butler file; not ingested", did)
+                    continue
                 arrived.append(ev)
             elif ev.event_type == "transfer-failed":
                 why = str(ev.payload.get("reason") or "no reason given")

@@ -25,6 +25,7 @@ import errno
 import json
 import logging
 import os
+import socket
 import sqlite3
 import threading
 import time
@@ -92,13 +93,18 @@ CREATE INDEX IF NOT EXISTS locks_by_replica ON locks (scope, name, rse);
 CREATE TABLE IF NOT EXISTS requests (
     scope TEXT NOT NULL, name TEXT NOT NULL, rse TEXT NOT NULL, state TEXT NOT NULL,
     attempts INTEGER NOT NULL DEFAULT 0, next_attempt REAL NOT NULL DEFAULT 0,
-    claimed_at REAL, error TEXT,
+    claimed_at REAL, error TEXT, claimed_by TEXT,
     PRIMARY KEY (scope, name, rse));
 CREATE INDEX IF NOT EXISTS requests_by_state ON requests (state, next_attempt);
 CREATE TABLE IF NOT EXISTS events (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, event_type TEXT NOT NULL, dst_rse TEXT NOT NULL,
     payload TEXT NOT NULL, created REAL NOT NULL);
 """
+
+
+def _owner() -> str:
+    """Who claims a request: this host and process (see `EmbeddedCatalog._release_dead_claims`)."""
+    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 @dataclass(frozen=True)
@@ -179,6 +185,9 @@ class EmbeddedCatalog:
         conn.execute("PRAGMA journal_mode=WAL")
         # executescript commits any open transaction first, so the script brings its own.
         conn.executescript("BEGIN IMMEDIATE;" + _SCHEMA + "COMMIT;")
+        columns = {r[1] for r in conn.execute("PRAGMA table_info(requests)")}
+        if "claimed_by" not in columns:  # a catalog created before claims were owned
+            conn.execute("ALTER TABLE requests ADD COLUMN claimed_by TEXT")
 
     # ------------------------------------------------------------------------------------------
     # Connections and transactions
@@ -859,6 +868,7 @@ class EmbeddedCatalog:
         """
         workers = concurrency or self.concurrency
         self.evaluate()
+        self._release_dead_claims()
         done = failed = stuck = attempted = 0
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="transfer") as pool:
             running: dict[Future[str | None], _Job] = {}
@@ -890,6 +900,41 @@ class EmbeddedCatalog:
         with self._read() as c:
             waiting = c.execute("SELECT COUNT(*) FROM requests WHERE state='QUEUED'").fetchone()[0]
         return TransferSummary(done, failed, stuck, waiting)
+
+    def _release_dead_claims(self) -> int:
+        """Re-queue requests claimed by a worker process of this host that no longer exists.
+
+        A worker killed mid-copy (SIGKILL, a lost node) leaves its requests ACTIVE; without
+        this a resumed campaign would wait ``claim_timeout_s`` for them. Copies are atomic
+        (temporary name, rename), so a copy the dead worker half made is simply redone.
+        """
+        from ...ledger import pid_alive
+
+        me = _owner()
+        host = me.split(":")[0]
+        with self._write() as c:
+            owners = [
+                r[0]
+                for r in c.execute(
+                    "SELECT DISTINCT claimed_by FROM requests "
+                    "WHERE state='ACTIVE' AND claimed_by IS NOT NULL"
+                )
+            ]
+            dead = [
+                o
+                for o in owners
+                if o.split(":")[0] == host and o != me and not pid_alive(int(o.split(":")[1]))
+            ]
+            n = 0
+            for owner in dead:
+                n += c.execute(
+                    "UPDATE requests SET state='QUEUED', claimed_at=NULL, claimed_by=NULL "
+                    "WHERE state='ACTIVE' AND claimed_by=?",
+                    (owner,),
+                ).rowcount
+        if n:
+            _LOG.warning("re-queued %d transfer(s) claimed by dead worker(s) %s", n, dead)
+        return n
 
     def _next_retry_in(self) -> float | None:
         """Seconds until the earliest failed request is due again, if any is."""
@@ -942,9 +987,9 @@ class EmbeddedCatalog:
                     reason = f"no replica of {did} at {where} to copy from"
                     job = _Job(src_rse=None, src_path=None, reason=reason, **common)
                 c.execute(
-                    "UPDATE requests SET state='ACTIVE', claimed_at=? "
+                    "UPDATE requests SET state='ACTIVE', claimed_at=?, claimed_by=? "
                     "WHERE scope=? AND name=? AND rse=?",
-                    (now, did.scope, did.name, q["rse"]),
+                    (now, _owner(), did.scope, did.name, q["rse"]),
                 )
                 jobs.append(job)
         return jobs
