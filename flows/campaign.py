@@ -51,7 +51,22 @@ def _stage_runner(step: str, site: str) -> Any:
     return run
 
 
-@flow(name="drp-site-step", flow_run_name="{step} @ {site}")
+def _cancel_submitted_run(flow: Any, flow_run: Any, state: Any) -> None:
+    """On cancellation of a site-step, cancel its run in the workload system too (PanDA)."""
+    params = flow_run.parameters
+    run = campaign_run(params["spec"], params["workdir"])
+    step, site = params["step"], params["site"]
+    run_id = run.ledger.name(step, site, "run_id")
+    if run_id and not run.ledger.is_done(step, site, "submit"):
+        run.workloads[site].cancel(run_id)
+        run.ledger.fail(step, site, "submit", f"cancelled with the flow run (run {run_id})")
+
+
+@flow(
+    name="drp-site-step",
+    flow_run_name="{step} @ {site}",
+    on_cancellation=[_cancel_submitted_run],
+)
 def drp_site_step(spec: str, step: str, site: str, workdir: str) -> dict[str, Any]:
     """Run one step at one site: stage inputs, BPS file, graph, submit and wait, publish, arrive.
 

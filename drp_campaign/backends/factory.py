@@ -65,7 +65,10 @@ def make_workload(
     if panda is not None:
         from .panda import PandaSettings, PandaWorkload
 
-        return PandaWorkload(PandaSettings(site=site, **panda))
+        # BPS writes its submit directories under work_dir, not wherever the flow runs.
+        return PandaWorkload(
+            PandaSettings(site=site, **panda), work_dir=Path(workdir) / "bps" / site
+        )
     from .local.workload import LocalService
 
     return LocalService(client, Path(workdir) / "workload" / site)

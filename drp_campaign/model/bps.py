@@ -109,6 +109,17 @@ DEFAULT_FILE_DISTRIBUTION_END_POINT = (
     "${LSST_RUN_TEMP_SPACE}/panda_cache_box/{payloadFolder}/{uniqProcName}/"
 )
 
+#: Where jobs find the graph and butler config when ``LSST_RUN_TEMP_SPACE`` is unset: what
+#: ctrl_bps_panda's per-site configs (``bps_panda_DF.yaml``) give, absent from the PyPI wheel.
+#: BPS falls back to it and fails in ``add_decoder_prefix`` when it is missing.
+FILE_DISTRIBUTION_END_POINT_DEFAULTS = {
+    "SLAC": (
+        "/sdf/data/rubin/panda_jobs/panda_cache/panda_cache_box/{payloadFolder}/{uniqProcName}/"
+    ),
+    "CC-IN2P3": "/sps/lsst/users/lsstgrid/panda_cache_box/{payloadFolder}/{uniqProcName}/",
+    "LANCS": "/cephfs/pool/rubin/panda_cache_box/{payloadFolder}/{uniqProcName}/",
+}
+
 # A name that goes into a collection name or a BPS value: no '/', whitespace, quotes, or braces
 # (BPS would read "{x}" as a variable).
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
@@ -605,6 +616,9 @@ def _panda_settings(s: SiteStepSubmit) -> dict[str, Any]:
             else DEFAULT_FILE_DISTRIBUTION_END_POINT
         ),
     }
+    default_end_point = FILE_DISTRIBUTION_END_POINT_DEFAULTS.get(s.compute_site)
+    if default_end_point is not None:
+        settings["fileDistributionEndPointDefault"] = default_end_point
     if s.idds_server is not None:
         settings["iddsServer"] = s.idds_server
     settings.update(
