@@ -52,3 +52,25 @@ def test_claims_of_a_dead_worker_are_requeued(tmp_path: Path) -> None:
     assert cat.get_rule(rule).state == RuleState.OK
     for f in files:
         assert file_adler32(cat.rse_root(DST) / "dp2" / f.name) == f.adler32
+
+
+def test_a_retry_tries_the_next_source(tmp_path: Path) -> None:
+    # Two replicas; the one tried first has vanished from its storage (its site is down).
+    ukdf = rse_name("UKDF", "butler")
+    cat = EmbeddedCatalog(tmp_path / "db", max_attempts=3, retry_base_delay_s=0.0)
+    for rse in (HUB, DST, ukdf):
+        cat.add_rse(rse, tmp_path / "storage" / rse)
+    cat.add_scope("dp2")
+    data = b"pvi" * 100
+    new = NewFile("dp2", "pvi/1.fits", len(data), f"{zlib.adler32(data):08x}")
+    for rse in (HUB, ukdf):
+        path = cat.rse_root(rse) / "dp2" / new.name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        cat.register_replicas(rse, [new])
+    # Sources are tried in name order: UKDF_BUTLER_DISK before USDF_BUTLER_DISK.
+    (cat.rse_root(ukdf) / "dp2" / new.name).unlink()
+    rule = cat.add_rule(new.did, DST)
+    cat.process_transfers()
+    assert cat.get_rule(rule).state == RuleState.OK
+    assert (cat.rse_root(DST) / "dp2" / new.name).read_bytes() == data

@@ -953,7 +953,8 @@ class EmbeddedCatalog:
         with self._write() as c:
             roots = {r["name"]: Path(r["root"]) for r in c.execute("SELECT * FROM rses")}
             candidates = c.execute(
-                "SELECT q.scope, q.name, q.rse, d.bytes, d.adler32, d.meta FROM requests q "
+                "SELECT q.scope, q.name, q.rse, q.attempts, d.bytes, d.adler32, d.meta "
+                "FROM requests q "
                 "JOIN dids d ON d.scope=q.scope AND d.name=q.name "
                 "WHERE q.state='QUEUED' AND q.next_attempt <= ? ORDER BY q.next_attempt",
                 (now,),
@@ -978,7 +979,9 @@ class EmbeddedCatalog:
                     bytes=q["bytes"], adler32=q["adler32"], meta=json.loads(q["meta"]),
                 )  # fmt: skip
                 if available:
-                    src = available[0]
+                    # Each retry tries the next source: a site that went away (its storage
+                    # unreachable) must not make every transfer it could source fail.
+                    src = available[int(q["attempts"]) % len(available)]
                     job = _Job(src_rse=src, src_path=roots[src] / did.scope / did.name, **common)
                 elif any(s == ReplicaState.COPYING for s in replicas.values()):
                     continue  # a chained source is on its way: wait, it is not a failure
