@@ -196,6 +196,7 @@ class CampaignRun:
         self.plan_dir = self.workdir / "plan"
         self.scope = spec.campaign[:25]
         self._pump_lock = threading.Lock()
+        self._chain_lock = threading.Lock()
         self._monitor_locks: dict[str, threading.Lock] = {s: threading.Lock() for s in spec.sites}
         self._monitors: dict[str, ReplicaMonitor] = {}
 
@@ -519,17 +520,23 @@ class CampaignRun:
         return inputs
 
     def _add_to_chain(self, site: str, chain: str, runs: Iterable[str]) -> None:
+        """Put ``runs`` at the front of a CHAINED collection (idempotent, concurrency-safe).
+
+        Sites finish concurrently and each adds its run to the hub's chains: a read-modify-write
+        of the chain would lose updates, so the change is one ``prepend_chain`` (a registry
+        transaction), serialized in this process as well.
+        """
         from lsst.daf.butler import CollectionType
 
         runs = sorted(set(runs))
         if not runs:
             return
-        with open_repo(self.repo(site)) as butler:
+        with self._chain_lock, open_repo(self.repo(site)) as butler:
             butler.collections.register(chain, CollectionType.CHAINED)
-            children = list(butler.collections.get_info(chain).children)
+            children = set(butler.collections.get_info(chain).children)
             new = [r for r in runs if r not in children]
             if new:
-                butler.collections.redefine_chain(chain, [*new, *children])
+                butler.collections.prepend_chain(chain, new)
 
     def _where(self, step: str, site: str) -> str:
         from .backends.qgraph import step_query

@@ -13,7 +13,12 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
 
 from drp_campaign.campaign import SiteStepFailed, SiteStepResult
 from drp_campaign.ledger import SiteStepBusy
@@ -213,8 +218,12 @@ def drp_campaign_flow(
         setup_site(spec, workdir, site)
     distribute_inputs(spec, workdir)
     results: dict[str, Any] = {}
-    for step in steps or run.spec.step_names:
+    todo = list(steps or run.spec.step_names)
+    progress = _progress_artifact(run.spec.campaign)
+    for i, step in enumerate(todo, start=1):
         results[step] = drp_step(spec, step, workdir)
+        if progress is not None:
+            update_progress_artifact(progress, 100.0 * i / len(todo))
     report = report_task(spec, workdir, verify)
     try:
         create_markdown_artifact(
@@ -225,6 +234,16 @@ def drp_campaign_flow(
     except Exception as exc:
         get_run_logger().warning("could not publish the report artifact: %s", exc)
     return {"steps": list(results), "report": report["path"], "passed": report["passed"]}
+
+
+def _progress_artifact(campaign: str) -> Any:
+    try:
+        return create_progress_artifact(
+            0.0, key=f"{campaign}-progress", description="Steps done at every site"
+        )
+    except Exception as exc:  # a view, never a reason to fail the campaign
+        get_run_logger().warning("could not create the progress artifact: %s", exc)
+        return None
 
 
 def site_step_result(data: dict[str, Any]) -> SiteStepResult:

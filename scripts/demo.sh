@@ -20,6 +20,9 @@ if ! "$BIN/python" "$HERE/prefect_server.py" status --home "$HOME_DIR" >/dev/nul
 fi
 stop() {
   rc=$?
+  if [ "$MODE" = "--rucio" ] && [ "${KEEP_SERVER:-0}" != 1 ]; then
+    "$HERE/rucio_local/rucio-local.sh" stop "$WORKDIR/rucio" || true
+  fi
   if [ "$started" = 1 ] && [ "${KEEP_SERVER:-0}" != 1 ]; then
     "$BIN/python" "$HERE/prefect_server.py" stop --home "$HOME_DIR" || true
   elif [ "$started" = 1 ]; then
