@@ -1,0 +1,52 @@
+"""`drp-campaign run` and `status`: what an operator sees before and after a run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from drp_campaign.cli import app
+from drp_campaign.ledger import Ledger
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO = ROOT / "deployments" / "campaigns" / "dc2-test-med-1-demo.yaml"
+
+
+def test_run_refuses_ephemeral_prefect(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    result = CliRunner().invoke(app, ["run", str(DEMO), "--workdir", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "PREFECT_API_URL is not set" in result.output and "make serve" in result.output
+    assert not (tmp_path / "ledger.sqlite").exists()  # nothing started
+
+
+def test_run_names_an_unknown_step(tmp_path: Path) -> None:
+    result = CliRunner().invoke(
+        app, ["run", str(DEMO), "--workdir", str(tmp_path), "--step", "step9", "--no-prefect"]
+    )
+    assert result.exit_code == 2
+    assert "unknown step(s) ['step9']" in result.output and "step2c" in result.output
+
+
+def test_status_prints_the_ledger(tmp_path: Path) -> None:
+    missing = CliRunner().invoke(app, ["status", "--workdir", str(tmp_path)])
+    assert missing.exit_code == 2 and "no ledger" in missing.output
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    ledger.start("step3", "FrDF", "build")
+    ledger.finish("step3", "FrDF", "build", {"n_quanta": 1124})
+    ledger.start("step3", "UKDF", "stage")
+    ledger.fail("step3", "UKDF", "stage", "ArrivalTimeout: 3 file(s) not ingested at UKDF")
+    result = CliRunner().invoke(app, ["status", "--workdir", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    text = _cells(result.output)  # the table wraps long cells at the terminal's width
+    assert "n_quanta=1124" in text and "DONE" in text
+    assert "FAILED" in text and "notingestedatUKDF" in text
+    only = CliRunner().invoke(app, ["status", "--workdir", str(tmp_path), "--site", "FrDF"])
+    assert "UKDF" not in only.output and "FrDF" in only.output
+
+
+def _cells(output: str) -> str:
+    """The table's text with borders and whitespace removed (cells wrap across lines)."""
+    return "".join(ch for ch in output if not ch.isspace() and ch not in "│┃┏┓┗┛┡┩└┘━─┳┻╇╈┼┬┴")
