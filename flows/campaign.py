@@ -28,7 +28,7 @@ from tasks.runtime import campaign_run
 __all__ = ["drp_campaign_flow", "drp_plan", "drp_site_step", "drp_step"]
 
 
-@flow(name="drp-plan", flow_run_name="plan {spec}", log_prints=True)
+@flow(name="drp-plan", flow_run_name="plan {spec}")
 def drp_plan(
     spec: str, workdir: str, dask_address: str | None = None, workers: int = 2
 ) -> dict[str, Any]:
@@ -46,6 +46,37 @@ def drp_plan(
         Workers of the local cluster.
     """
     return plan_campaign(spec, workdir, dask_address, workers)
+
+
+def _campaign_name(spec: str) -> str:
+    from drp_campaign.model.spec import load_spec
+
+    try:
+        return load_spec(spec).campaign
+    except Exception:  # a bad spec fails in the flow itself, with the full message
+        return spec
+
+
+def _step_run_name() -> str:
+    from prefect.runtime import flow_run
+
+    params = flow_run.parameters
+    sites = params.get("sites")
+    where = ", ".join(sites) if sites else "all sites"
+    return f"{_campaign_name(params['spec'])}: {params['step']} @ {where}"
+
+
+def _site_step_run_name() -> str:
+    from prefect.runtime import flow_run
+
+    params = flow_run.parameters
+    return f"{_campaign_name(params['spec'])}: {params['step']} @ {params['site']}"
+
+
+def _campaign_run_name() -> str:
+    from prefect.runtime import flow_run
+
+    return _campaign_name(flow_run.parameters["spec"])
 
 
 def _stage_runner(step: str, site: str) -> Any:
@@ -69,7 +100,7 @@ def _cancel_submitted_run(flow: Any, flow_run: Any, state: Any) -> None:
 
 @flow(
     name="drp-site-step",
-    flow_run_name="{step} @ {site}",
+    flow_run_name=_site_step_run_name,
     on_cancellation=[_cancel_submitted_run],
 )
 def drp_site_step(spec: str, step: str, site: str, workdir: str) -> dict[str, Any]:
@@ -101,14 +132,6 @@ def _site_step_in_thread(spec: str, step: str, site: str, workdir: str) -> Any:
         return drp_site_step(spec, step, site, workdir)
     except (SiteStepFailed, SiteStepBusy) as exc:
         return exc
-
-
-def _step_run_name() -> str:
-    from prefect.runtime import flow_run
-
-    params = flow_run.parameters
-    sites = params.get("sites")
-    return f"{params['step']} @ {', '.join(sites) if sites else 'all sites'}"
 
 
 @flow(name="drp-step", flow_run_name=_step_run_name)
@@ -187,7 +210,7 @@ def _publish_ledger(run: Any) -> None:
         get_run_logger().warning("could not publish the ledger artifact: %s", exc)
 
 
-@flow(name="drp-campaign", flow_run_name="{spec}")
+@flow(name="drp-campaign", flow_run_name=_campaign_run_name)
 def drp_campaign_flow(
     spec: str,
     workdir: str,
