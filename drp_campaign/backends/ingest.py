@@ -35,13 +35,12 @@ from __future__ import annotations
 import logging
 import os
 import sqlite3
-import threading
 import time
 import zlib
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack, contextmanager
+from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,6 +60,7 @@ from .interfaces import (
     TransferEvent,
     rse_name,
 )
+from .sqlite_state import ThreadLocalSQLite
 
 __all__ = [
     "ANCILLARY_SCOPE",
@@ -534,7 +534,7 @@ class ReplicaMonitor:
         self.batch_size = batch_size
         self.verify_threads = max(1, verify_threads)
         self.state_path.parent.mkdir(parents=True, exist_ok=True)
-        self._local = threading.local()
+        self._db = ThreadLocalSQLite(self.state_path)
         self._conn().execute("PRAGMA journal_mode=WAL")  # a property of the file: once is enough
         with self._tx() as c:
             for statement in _STATE_SCHEMA.split(";"):
@@ -546,30 +546,14 @@ class ReplicaMonitor:
 
     def _conn(self) -> sqlite3.Connection:
         # One connection per thread: flows may poll from worker threads.
-        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = sqlite3.connect(self.state_path, timeout=60.0, isolation_level=None)
-            conn.execute("PRAGMA busy_timeout=60000")
-            self._local.conn = conn
-        return conn
+        return self._db.conn()
 
-    @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        conn = self._conn()
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield conn
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
+    def _tx(self) -> AbstractContextManager[sqlite3.Connection]:
+        return self._db.transaction()
 
     def close(self) -> None:
         """Close this thread's connection to the state database."""
-        conn = getattr(self._local, "conn", None)
-        if conn is not None:
-            conn.close()
-            self._local.conn = None
+        self._db.close()
 
     def __enter__(self) -> ReplicaMonitor:
         return self

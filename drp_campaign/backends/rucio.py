@@ -49,11 +49,10 @@ import re
 import shutil
 import sqlite3
 import tempfile
-import threading
 import time
 import weakref
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, fields
 from datetime import datetime
 from pathlib import Path
@@ -79,6 +78,7 @@ from .interfaces import (
     TransferEvent,
     parse_rse_expression,
 )
+from .sqlite_state import ThreadLocalSQLite
 
 if TYPE_CHECKING:
     from rucio.client import Client
@@ -332,7 +332,7 @@ class RucioCatalog:
         self.state_path.parent.mkdir(parents=True, exist_ok=True)
         self._roots: dict[str, Path] = {}
         self._scopes: set[str] = set()
-        self._local = threading.local()
+        self._db = ThreadLocalSQLite(self.state_path)
         instance = f"{client.host}|{getattr(client, 'vo', 'def')}|{self.account}"
         conn = self._conn()
         conn.execute("PRAGMA journal_mode=WAL")
@@ -350,24 +350,10 @@ class RucioCatalog:
     # Local state (the event log)
 
     def _conn(self) -> sqlite3.Connection:
-        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = sqlite3.connect(self.state_path, timeout=60.0, isolation_level=None)
-            conn.row_factory = sqlite3.Row
-            conn.execute("PRAGMA busy_timeout=60000")
-            self._local.conn = conn
-        return conn
+        return self._db.conn()
 
-    @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        conn = self._conn()
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield conn
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
+    def _write(self) -> AbstractContextManager[sqlite3.Connection]:
+        return self._db.transaction()
 
     # ------------------------------------------------------------------------------------------
     # RSEs and scopes

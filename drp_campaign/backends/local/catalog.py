@@ -31,9 +31,9 @@ import threading
 import time
 import uuid
 import zlib
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -60,6 +60,7 @@ from ..interfaces import (
     file_adler32,
     parse_rse_expression,
 )
+from ..sqlite_state import ThreadLocalSQLite
 
 __all__ = ["EmbeddedCatalog", "TransferSummary"]
 
@@ -178,7 +179,9 @@ class EmbeddedCatalog:
         self.concurrency = concurrency
         self.verify_checksum_on_register = verify_checksum_on_register
         self.claim_timeout_s = claim_timeout_s
-        self._local = threading.local()
+        # NORMAL in WAL: consistent after any crash; a power loss may roll back the last
+        # commits, which only re-queues transfers (files are re-verified, never trusted).
+        self._db = ThreadLocalSQLite(self.path, synchronous="NORMAL")
         conn = self._conn()
         # WAL lets readers proceed while one process writes; it is a property of the file, so
         # setting it once here holds for every later connection.
@@ -193,29 +196,10 @@ class EmbeddedCatalog:
     # Connections and transactions
 
     def _conn(self) -> sqlite3.Connection:
-        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
-        if conn is None:
-            # isolation_level=None: we issue BEGIN ourselves, so every operation is exactly one
-            # transaction of the kind we choose.
-            conn = sqlite3.connect(self.path, timeout=60.0, isolation_level=None)
-            conn.row_factory = sqlite3.Row
-            # NORMAL in WAL: consistent after any crash; a power loss may roll back the last
-            # commits, which only re-queues transfers (files are re-verified, never trusted).
-            conn.execute("PRAGMA synchronous=NORMAL")
-            conn.execute("PRAGMA busy_timeout=60000")
-            self._local.conn = conn
-        return conn
+        return self._db.conn()
 
-    @contextmanager
-    def _tx(self, begin: str) -> Iterator[sqlite3.Connection]:
-        conn = self._conn()
-        conn.execute(begin)
-        try:
-            yield conn
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
+    def _tx(self, begin: str) -> AbstractContextManager[sqlite3.Connection]:
+        return self._db.transaction(begin)
 
     def _read(self) -> AbstractContextManager[sqlite3.Connection]:
         return self._tx("BEGIN")
@@ -225,10 +209,7 @@ class EmbeddedCatalog:
 
     def close_connection(self) -> None:
         """Close this thread's connection (others close when their threads end)."""
-        conn = getattr(self._local, "conn", None)
-        if conn is not None:
-            conn.close()
-            self._local.conn = None
+        self._db.close()
 
     # ------------------------------------------------------------------------------------------
     # Lookups used inside transactions
