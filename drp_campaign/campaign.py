@@ -322,7 +322,7 @@ class CampaignRun:
         Parameters
         ----------
         steps : sequence of `str`, optional
-            Only these steps (default: all, in order).
+            Only these steps (default: all, in order; empty: set up and distribute only).
 
         Returns
         -------
@@ -333,7 +333,8 @@ class CampaignRun:
         for site in self.spec.site_names:
             self.setup_site(site)
         self.distribute_inputs()
-        return {step: self.run_step(step) for step in steps or self.spec.step_names}
+        todo = self.spec.step_names if steps is None else list(steps)
+        return {step: self.run_step(step) for step in todo}
 
     def setup_site(self, site: str) -> dict[str, Any]:
         """Create a site's repository and RSEs (stage ``setup``)."""

@@ -154,12 +154,7 @@ def test_site_outage_then_rerun_of_that_site_completes(tmp_path: Path) -> None:
     workdir = tmp_path / "work"
     with dask_client(workers=2) as client:
         run = make_campaign_run(spec, workdir, client)
-        run.plan()
-        for site in spec.site_names:
-            run.setup_site(site)
-        run.distribute_inputs()
-        for step in ("step1", "step2", "step2c"):
-            run.run_step(step)
+        run.run_all(["step1", "step2", "step2c"])
         # UKDF's storage goes away during step3 (its repository is unreachable).
         repo = run.repo("UKDF")
         hidden = repo.with_name("UKDF.unavailable")
@@ -192,10 +187,7 @@ def test_concurrent_runs_of_one_site_step_never_submit_twice(tmp_path: Path) -> 
     workdir = tmp_path / "work"
     with dask_client(workers=2) as client:
         run = make_campaign_run(spec, workdir, client)
-        run.plan()
-        for site in spec.site_names:
-            run.setup_site(site)
-        run.distribute_inputs()
+        run.run_all([])  # plan, set up the sites, distribute the inputs
         # A second process holds step1 at the hub (it is mid-run).
         code = (
             "import sys, time; from drp_campaign.ledger import Ledger\n"

@@ -70,12 +70,7 @@ def test_serve_then_rerun_one_step_at_one_site(tmp_path: Path) -> None:
     # The campaign up to step2c, without Prefect: step3 at FrDF is what the operator reruns.
     with dask_client(workers=2) as client:
         run = make_campaign_run(spec, workdir, client)
-        run.plan()
-        for site in spec.site_names:
-            run.setup_site(site)
-        run.distribute_inputs()
-        for step in ("step1", "step2", "step2c"):
-            run.run_step(step)
+        run.run_all(["step1", "step2", "step2c"])
 
     serve = [str(ROOT / "scripts" / "serve.sh"), str(BIN), str(spec_path), str(workdir)]
     home = workdir / "prefect"
