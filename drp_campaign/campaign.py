@@ -41,6 +41,7 @@ from .backends.butler import (
     DEFAULT_FILE_SIZE,
     certify_calibs,
     collections_for,
+    has_collection,
     open_repo,
     populate_repo,
     site_repo_root,
@@ -861,7 +862,7 @@ class CampaignRun:
                     if is_product(dt.name)
                     for ref in butler.query_datasets(dt, collections=run, explain=False, limit=None)
                 ]
-                if run in butler.collections.query(run)
+                if has_collection(butler, run)
                 else []
             )
             dataset = DID(self.scope, f"{self.spec.campaign}/products/{step}/{site}")

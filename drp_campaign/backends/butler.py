@@ -98,6 +98,7 @@ __all__ = [
     "CALIB_DATASET_TYPES",
     "DEFAULT_FILE_SIZE",
     "RAW_DATASET_TYPE",
+    "has_collection",
     "SKYMAP_DATASET_TYPE",
     "SKYMAP_RUN",
     "Collections",
@@ -759,6 +760,29 @@ def ingest_mock_calibs(
     return refs
 
 
+def has_collection(butler: Butler, name: str) -> bool:
+    """Whether a collection exists (``collections.query`` raises for a missing plain name).
+
+    Parameters
+    ----------
+    butler : `lsst.daf.butler.Butler`
+        The repository.
+    name : `str`
+        Collection name.
+
+    Returns
+    -------
+    exists : `bool`
+    """
+    from lsst.daf.butler import MissingCollectionError
+
+    try:
+        butler.collections.get_info(name)
+    except MissingCollectionError:
+        return False
+    return True
+
+
 def certify_calibs(butler: Butler, instrument: str) -> int:
     """Certify the calibrations that arrived in the unbounded calibration RUN (idempotent).
 
@@ -780,7 +804,7 @@ def certify_calibs(butler: Butler, instrument: str) -> int:
     """
     names = collections_for(instrument)
     run = f"{names.calib}/unbounded"
-    if run not in butler.collections.query(run):
+    if not has_collection(butler, run):
         return 0
     n = 0
     for name in CALIB_DATASET_TYPES:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..backends.butler import collections_for, open_repo
+from ..backends.butler import collections_for, has_collection, open_repo
 from ..backends.interfaces import DID, ReplicaState, file_adler32, rse_name
 from ..ledger import CAMPAIGN, StageState
 from ..model.focalplane import focal_plane
@@ -130,7 +130,7 @@ def _products(run: Any, site: str, run_name: str) -> set[Any]:
     from ..campaign import is_product
 
     with open_repo(run.repo(site), writeable=False) as butler:
-        if run_name not in butler.collections.query(run_name):
+        if not has_collection(butler, run_name):
             return set()
         return {
             ref.id
