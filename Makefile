@@ -76,8 +76,11 @@ test: lint typecheck unit
 bench-quick: venv
 	$(PY) benchmarks/plan_scale.py --quick
 
+# Stops what the demos may have left running (a kept Prefect server, the local Rucio) first.
 clean:
-	rm -rf $(VENV) $(DEMO_DIR) plan .mypy_cache .ruff_cache .pytest_cache .hypothesis
+	-[ -x $(PY) ] && $(PY) scripts/prefect_server.py stop --home $(DEMO_DIR)/prefect 2>/dev/null
+	-[ -d $(DEMO_DIR)-rucio/rucio ] && $(RUCIO_LOCAL) stop $(DEMO_DIR)-rucio/rucio
+	rm -rf $(VENV) $(DEMO_DIR) $(DEMO_DIR)-rucio plan .mypy_cache .ruff_cache .pytest_cache .hypothesis
 
 # A real local Rucio 41.5.1 (PostgreSQL, server, daemons; scripts/rucio_local). Its own
 # environment .venv-rucio (Python 3.11) is built on first use; settings in $(DEMO_DIR)/rucio.
