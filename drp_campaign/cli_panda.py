@@ -5,18 +5,24 @@
 
 Where the settings come from
 ----------------------------
-Every command takes ``--site`` and finds that site's PanDA settings with `settings_for_site`.
-Until the ``PandaCredentials`` Prefect block is wired in, it reads, in this order:
+Every command takes ``--site`` and finds that site's PanDA settings with `settings_for_site`, in
+this order:
 
-1. the JSON file given with ``--settings FILE``, or named by the environment variable
-   ``DRP_CAMPAIGN_PANDA_SETTINGS``: ``{"sites": {"USDF": {...}, "FrDF": {...}}}`` (or the
-   per-site mapping without ``"sites"``), each site with the keys of
-   `~drp_campaign.backends.panda.PandaSettings.from_mapping` (the ``PandaCredentials`` block's
-   fields ``panda_url``, ``panda_url_ssl``, ``cache_url``, ``auth_vo``, ``verify_host``, plus
-   ``config_root``, ``run_temp_space``, ``idds_server``), and the token either inline as
-   ``id_token`` or, better, as ``id_token_file``: a file holding the bare token or panda-client's
-   token cache (``$PANDA_CONFIG_ROOT/.token``, JSON with an ``id_token`` key);
-2. otherwise panda-client's own environment, as the PanDA setup scripts export it (one site's:
+1. the JSON file given with ``--settings FILE``;
+2. the site's ``DataFacility`` Prefect block (``data-facility/<campaign>-<site>``, the one the
+   campaign's flows use), when the campaign is named with ``--spec SPEC`` (or ``--campaign
+   NAME``) and a Prefect API is configured (``PREFECT_API_URL``, or the active Prefect profile):
+   its nested ``PandaCredentials`` give the URLs, VO and ID token; a block whose
+   ``workload_backend`` is not ``panda`` is an error;
+3. the JSON file named by the environment variable ``DRP_CAMPAIGN_PANDA_SETTINGS``:
+   ``{"sites": {"USDF": {...}, "FrDF": {...}}}`` (or the per-site mapping without ``"sites"``),
+   each site with the keys of `~drp_campaign.backends.panda.PandaSettings.from_mapping` (the
+   ``PandaCredentials`` block's fields ``panda_url``, ``panda_url_ssl``, ``cache_url``,
+   ``auth_vo``, ``verify_host``, plus ``config_root``, ``run_temp_space``, ``idds_server``), and
+   the token either inline as ``id_token`` or, better, as ``id_token_file``: a file holding the
+   bare token or panda-client's token cache (``$PANDA_CONFIG_ROOT/.token``, JSON with an
+   ``id_token`` key);
+4. otherwise panda-client's own environment, as the PanDA setup scripts export it (one site's:
    the same settings serve whatever ``--site`` names): ``PANDA_URL``, ``PANDA_URL_SSL``,
    ``PANDACACHE_URL`` (default ``PANDA_URL_SSL``), ``PANDA_AUTH_VO``, ``PANDA_VERIFY_HOST``,
    ``PANDA_CONFIG_ROOT``, ``LSST_RUN_TEMP_SPACE``, and the token from ``PANDA_AUTH_ID_TOKEN`` or
@@ -117,7 +123,8 @@ def _from_environment(site: str, environ: Mapping[str, str]) -> PandaSettings:
     missing = [k for k in ("PANDA_URL_SSL", "PANDA_AUTH_VO") if not environ.get(k)]
     if missing:
         raise SettingsError(
-            f"no PanDA settings for site {site!r}: give --settings FILE, set {SETTINGS_ENV}, or "
+            f"no PanDA settings for site {site!r}: give --settings FILE, or --spec SPEC with "
+            f"PREFECT_API_URL set (the site's DataFacility block), set {SETTINGS_ENV}, or "
             f"export panda-client's variables (missing: {', '.join(missing)})"
         )
     url_ssl = environ["PANDA_URL_SSL"]
@@ -142,23 +149,80 @@ def _from_environment(site: str, environ: Mapping[str, str]) -> PandaSettings:
         raise SettingsError(f"{exc} (from the PANDA_* environment variables)") from None
 
 
+def _prefect_api_url(environ: Mapping[str, str] | None) -> str | None:
+    """The Prefect API this process would load blocks from (`None` if there is none).
+
+    With an explicit ``environ`` only its ``PREFECT_API_URL`` counts; otherwise Prefect's own
+    settings decide (the environment variable or the active profile).
+    """
+    if environ is not None:
+        return environ.get("PREFECT_API_URL") or None
+    from prefect.settings import get_current_settings
+
+    return get_current_settings().api.url or None
+
+
+def _from_block(
+    site: str, campaign: str, api_url: str, environ: Mapping[str, str] | None
+) -> PandaSettings:
+    from contextlib import nullcontext
+
+    from prefect.settings import (
+        PREFECT_API_AUTH_STRING,
+        PREFECT_API_URL,
+        get_current_settings,
+        temporary_settings,
+    )
+
+    from blocks import data_facility_document_name, load_data_facility
+
+    where = f"data-facility/{data_facility_document_name(campaign, site)} at {api_url}"
+    updates: dict[Any, Any] = {}
+    if environ is not None and get_current_settings().api.url != api_url:
+        # An explicit environment names another API than this process's settings.
+        updates[PREFECT_API_URL] = api_url
+        if environ.get("PREFECT_API_AUTH_STRING"):
+            updates[PREFECT_API_AUTH_STRING] = environ["PREFECT_API_AUTH_STRING"]
+    try:
+        with temporary_settings(updates=updates) if updates else nullcontext():
+            facility = load_data_facility(campaign, site)
+    except Exception as exc:  # not found, invalid, or the API unreachable: all need the operator
+        raise SettingsError(
+            f"cannot load the DataFacility block {where}: {type(exc).__name__}: {exc}. Save "
+            "the site's block (Prefect UI, or DataFacility(...).save), or give --settings FILE"
+        ) from None
+    if facility.workload_backend != "panda" or facility.panda is None:
+        raise SettingsError(
+            f"site {site!r} does not use PanDA: its block {where} has workload_backend "
+            f"{facility.workload_backend!r}"
+        )
+    try:
+        return PandaSettings.from_mapping(site, facility.panda.panda_settings(site))
+    except ValueError as exc:
+        raise SettingsError(f"{where}: {exc}") from None
+
+
 def settings_for_site(
     site: str,
     settings_file: Path | None = None,
     *,
+    campaign: str | None = None,
     environ: Mapping[str, str] | None = None,
 ) -> PandaSettings:
-    """Find the PanDA settings of ``site`` (a stub until the ``PandaCredentials`` block).
+    """Find the PanDA settings of ``site`` (see the module docstring for the order).
 
     Parameters
     ----------
     site : `str`
         The site's name in the campaign spec.
     settings_file : `pathlib.Path`, optional
-        A JSON settings file (see the module docstring); ``$DRP_CAMPAIGN_PANDA_SETTINGS`` when
-        not given.
+        A JSON settings file (see the module docstring); it wins over every other source.
+    campaign : `str`, optional
+        The campaign's name: with a Prefect API configured, the settings come from the site's
+        ``DataFacility`` block of that campaign.
     environ : mapping, optional
-        The environment to read (`os.environ` by default).
+        The environment to read (`os.environ` by default); when given, its ``PREFECT_API_URL``
+        (not Prefect's settings) says whether there is a Prefect API.
 
     Returns
     -------
@@ -171,11 +235,30 @@ def settings_for_site(
         If no settings are found for the site or they are invalid (never quoting the token).
     """
     env = os.environ if environ is None else environ
-    if settings_file is None and env.get(SETTINGS_ENV):
-        settings_file = Path(env[SETTINGS_ENV])
     if settings_file is not None:
         return _from_file(site, Path(settings_file).expanduser())
+    if campaign is not None:
+        api_url = _prefect_api_url(environ)
+        if api_url:
+            return _from_block(site, campaign, api_url, environ)
+    if env.get(SETTINGS_ENV):
+        return _from_file(site, Path(env[SETTINGS_ENV]).expanduser())
     return _from_environment(site, env)
+
+
+def _campaign_of(spec: Path | None, campaign: str | None) -> str | None:
+    """The campaign named by ``--campaign`` or read from ``--spec``."""
+    if spec is None:
+        return campaign
+    from .model.spec import load_spec
+
+    try:
+        name = load_spec(spec).campaign
+    except Exception as exc:  # a usage error: the message says which file and why
+        raise SettingsError(f"cannot read the campaign spec {spec}: {exc}") from None
+    if campaign is not None and campaign != name:
+        raise SettingsError(f"--campaign {campaign!r} is not the campaign of {spec} ({name!r})")
+    return name
 
 
 def _fail(exc: Exception) -> typer.Exit:
@@ -194,17 +277,35 @@ SettingsOption = Annotated[
     Path | None,
     typer.Option(
         "--settings",
-        help=f"JSON file with the sites' PanDA settings (default: ${SETTINGS_ENV}, else the "
-        "PANDA_* environment variables).",
+        help="JSON file with the sites' PanDA settings (default: the site's DataFacility block "
+        f"with --spec and a Prefect API, else ${SETTINGS_ENV}, else the PANDA_* environment "
+        "variables).",
     ),
+]
+SpecOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--spec",
+        help="Campaign spec: with PREFECT_API_URL set, the settings come from the site's "
+        "DataFacility block of this campaign.",
+    ),
+]
+CampaignOption = Annotated[
+    str | None,
+    typer.Option("--campaign", help="Campaign name (instead of --spec) for the block lookup."),
 ]
 
 
 @app.command()
-def ping(site: SiteOption, settings: SettingsOption = None) -> None:
+def ping(
+    site: SiteOption,
+    settings: SettingsOption = None,
+    spec: SpecOption = None,
+    campaign: CampaignOption = None,
+) -> None:
     """Check that the site's PanDA server answers and accepts its credentials."""
     try:
-        panda_settings = settings_for_site(site, settings)
+        panda_settings = settings_for_site(site, settings, campaign=_campaign_of(spec, campaign))
         PandaWorkload(panda_settings, retries=2, backoff_s=2.0).ping()
     except (SettingsError, WorkloadError) as exc:
         raise _fail(exc) from None
@@ -273,6 +374,8 @@ def status(
         Path, typer.Option("--workdir", help="Campaign work directory (holds ledger.sqlite).")
     ] = Path("."),
     settings: SettingsOption = None,
+    spec: SpecOption = None,
+    campaign: CampaignOption = None,
 ) -> None:
     """Show a run's state and per-label job counts, like ``bps report``."""
     try:
@@ -280,7 +383,7 @@ def status(
             if step is None:
                 raise SettingsError("give --run-id, or --step (with --workdir) to find it")
             run_id = _run_id_from_ledger(workdir, step, site)
-        panda_settings = settings_for_site(site, settings)
+        panda_settings = settings_for_site(site, settings, campaign=_campaign_of(spec, campaign))
         result = PandaWorkload(panda_settings, retries=2, backoff_s=2.0).status(run_id)
     except (SettingsError, WorkloadError) as exc:
         raise _fail(exc) from None
