@@ -44,6 +44,7 @@ from .backends.butler import (
     has_collection,
     open_repo,
     populate_repo,
+    register_run,
     site_repo_root,
 )
 from .backends.ingest import (
@@ -812,7 +813,11 @@ class CampaignRun:
         local = type(service).__name__ == "LocalService"
         if status is None or (local and status.state == WorkloadState.RUNNING):
             # Never submitted, or a local run whose process died: (re)submit. A remote run
-            # that is still RUNNING is polled below, never submitted twice.
+            # that is still RUNNING is polled below, never submitted twice. The output run is
+            # created here, atomically, so that the final job's own (non-atomic) registration
+            # finds it whole even if a kill interrupts that job (see `register_run`).
+            with open_repo(self.repo(site)) as butler:
+                register_run(butler, output_run(self.spec.campaign, step, site))
             run_id = service.submit(Path(bps["file"]), Path(built["graph"]))
             self.ledger.set_name(step, site, "run_id", run_id)
         elif status.state == WorkloadState.FAILED:

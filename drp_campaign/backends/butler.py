@@ -114,6 +114,7 @@ __all__ = [
     "open_repo",
     "populate_site_repos",
     "register_campaign_dimensions",
+    "register_run",
     "register_skymap",
     "register_visits",
     "site_repo_root",
@@ -602,7 +603,7 @@ def _ingest_mock(
     """Write one mock file per data ID and ingest them all at once (transfer ``move``)."""
     if not data_ids:
         return []
-    butler.collections.register(run)
+    register_run(butler, run)
     # Skip data IDs that already have a dataset in the run (reruns are no-ops).
     existing = {
         ref.dataId.required_values
@@ -760,6 +761,32 @@ def ingest_mock_calibs(
     return refs
 
 
+def register_run(butler: Butler, name: str) -> bool:
+    """Register a RUN collection atomically, so that a killed process cannot half-create it.
+
+    daf_butler's ``collections.register`` inserts the ``collection`` row and the ``run`` row in
+    two separate transactions. A process killed between them (seen with SIGKILL during the
+    final job) leaves a RUN collection without its run row: every later registration finds the
+    collection and returns, and every dataset insert into it then fails on the foreign key
+    (the aggregator's ``FatalWorkerError``), so the site-step could never be resumed. One
+    enclosing transaction makes the pair all-or-nothing (SQLite and PostgreSQL alike).
+
+    Parameters
+    ----------
+    butler : `lsst.daf.butler.Butler`
+        A writeable repository.
+    name : `str`
+        The RUN collection.
+
+    Returns
+    -------
+    registered : `bool`
+        Whether it was created now (`False`: it existed).
+    """
+    with butler.transaction():
+        return butler.collections.register(name)
+
+
 def has_collection(butler: Butler, name: str) -> bool:
     """Whether a collection exists (``collections.query`` raises for a missing plain name).
 
@@ -900,9 +927,9 @@ def define_defaults_chain(butler: Butler, instrument: str) -> str:
     """
     names = collections_for(instrument)
     # Register the raw run even at sites that have no raw yet: transfers land in it later.
-    butler.collections.register(names.raw_run)
+    register_run(butler, names.raw_run)
     butler.collections.register(names.calib_chain, CollectionType.CHAINED)
-    butler.collections.register(SKYMAP_RUN)
+    register_run(butler, SKYMAP_RUN)
     butler.collections.register(names.defaults, CollectionType.CHAINED)
     butler.collections.redefine_chain(
         names.defaults, [names.raw_run, names.calib_chain, SKYMAP_RUN]

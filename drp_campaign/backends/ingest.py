@@ -49,7 +49,10 @@ import sqlalchemy.exc
 from lsst.daf.butler import Butler, DataCoordinate, DatasetRef, FileDataset
 from lsst.daf.butler.registry import ConflictingDefinitionError
 
-from .butler import open_repo  # also registers the _mock_* storage classes in this process
+from .butler import (  # also registers the _mock_* storage classes in this process
+    open_repo,
+    register_run,
+)
 from .interfaces import (
     BLOCK_SIZE,
     DID,
@@ -841,7 +844,7 @@ class ReplicaMonitor:
                 bad[f"type:{dataset_type.name}"] = f"dataset type conflicts: {exc}"
         for run in {c.ref.run for c in candidates}:
             try:
-                butler.collections.register(run)
+                register_run(butler, run)
             except _TRANSIENT:
                 raise
             except Exception as exc:  # an existing non-RUN collection of that name

@@ -263,3 +263,56 @@ def test_postgresql_registry(tmp_path: Path) -> None:
                 strict=True,
             )
         )
+
+
+# --- a RUN collection survives a kill during its registration ----------------------------------
+
+_KILL_BETWEEN_INSERTS = """
+import os, sys
+from lsst.daf.butler import Butler
+from drp_campaign.backends.butler import register_run
+
+butler = Butler.from_config(sys.argv[1], writeable=True)
+db = butler._registry._db
+sync = db.sync
+
+def killed_before_the_run_row(table, *args, **kwargs):
+    if table.name == "run":
+        os._exit(9)  # as a SIGKILL would, with no cleanup
+    return sync(table, *args, **kwargs)
+
+db.sync = killed_before_the_run_row
+register_run(butler, "campaign/step2/FrDF/run")
+"""
+
+
+def test_register_run_is_atomic_under_a_kill(tmp_path: Path) -> None:
+    """A process killed between daf_butler's two inserts leaves no half-made RUN behind.
+
+    Without the enclosing transaction the collection row stays without its run row, and every
+    later dataset insert into it fails on the foreign key, which made a site-step killed during
+    its final job impossible to resume.
+    """
+    import subprocess
+    import sys
+
+    from lsst.daf.butler import Butler, DatasetType
+
+    from drp_campaign.backends.butler import has_collection, register_run
+
+    repo = tmp_path / "repo"
+    Butler.makeRepo(str(repo))
+    proc = subprocess.run(
+        [sys.executable, "-c", _KILL_BETWEEN_INSERTS, str(repo)], capture_output=True, text=True
+    )
+    assert proc.returncode == 9, proc.stderr
+    run = "campaign/step2/FrDF/run"
+    with Butler.from_config(str(repo), writeable=True) as butler:
+        assert not has_collection(butler, run)
+        # The resumed job registers it whole and can store into it.
+        assert register_run(butler, run) is True
+        assert register_run(butler, run) is False
+        dataset_type = DatasetType("summary", (), "StructuredDataDict", universe=butler.dimensions)
+        butler.registry.registerDatasetType(dataset_type)
+        ref = butler.put({"visits": 2}, dataset_type, run=run)
+        assert butler.get(ref) == {"visits": 2}
