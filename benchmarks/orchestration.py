@@ -42,6 +42,7 @@ import resource
 import shlex
 import shutil
 import signal
+import sqlite3
 import statistics
 import subprocess
 import sys
@@ -104,8 +105,6 @@ def children_cpu_s() -> float:
 
 def ledger_rows(workdir: Path) -> list[LedgerRow]:
     """(step, site, stage, state, started, finished, attempts) of every stage, read-only."""
-    import sqlite3
-
     path = workdir / "ledger.sqlite"
     if not path.exists():
         return []

@@ -8,11 +8,11 @@ rerun, until every kill point is passed; a last run goes to the end.
 
 Kill points are deterministic: the campaign's progress is counted in ledger stage transitions (a
 stage counts once when it starts and once more when it is done, so the count only grows across
-restarts), and the k-th of N kills is due once the count reaches ``k / (N + 1)`` of the whole
+restarts), and the k-th of N kills is due once the count reaches ``k / (N + 2)`` of the whole
 campaign's (known from an uninterrupted run of the same spec, or estimated from the spec with
 ``--quick``), then a seeded random delay of 0-5 s more (so that kills land inside stages, not
-only on their boundaries). A kill point is never at or below the progress a run starts from:
-every run advances.
+only on their boundaries) unless the count gets half a stride further first. A kill point is
+never at or below the progress a run starts from: every run advances.
 
 Then ``drp-campaign run SPEC --no-prefect`` (with verification) runs once more: everything is
 done, so it runs only the single-site reference, the comparison and the milestone report.
@@ -215,10 +215,13 @@ def run_once(
     *,
     kill_at: int | None = None,
     delay: float = 0.0,
+    kill_by: int | None = None,
     stall_s: float = 240.0,
     timeout_s: float = 1800.0,
 ) -> Outcome:
     """Run ``drp-campaign ARGS``; SIGKILL it ``delay`` s after progress reaches ``kill_at``.
+
+    Or as soon as progress reaches ``kill_by``, if the delay has not passed by then.
 
     The run is also stopped (and `Outcome.stalled` says why, with the catalog's requests) when
     its ledger does not change for ``stall_s`` seconds while a transfer stage runs, or after
@@ -242,9 +245,11 @@ def run_once(
             signature = tuple((r[0], r[1], r[2], r[3], r[6]) for r in rows)
             if signature != last:
                 last, changed = signature, now
-            if kill_at is not None and reached is None and progress(rows) >= kill_at:
+            done = progress(rows)
+            if kill_at is not None and reached is None and done >= kill_at:
                 reached = now
-            if reached is not None and now - reached >= delay:
+            overshot = kill_by is not None and done >= kill_by
+            if reached is not None and (now - reached >= delay or overshot):
                 _kill(proc)
                 # Read after the kill: exactly the stages the crash interrupted.
                 after = ledger_rows(workdir)
@@ -399,7 +404,9 @@ def measure(
     spec = demo_spec(base, visits)
     log = base / "driver.log"
 
-    def run(work: Path, what: str, kill_at: int | None = None, delay: float = 0.0) -> Outcome:
+    def run(
+        work: Path, what: str, kill_at: int | None = None, delay: float = 0.0, cap: int = 0
+    ) -> Outcome:
         verify = what == "verification"
         args = ["run", str(spec), "--workdir", str(work), "--no-prefect"]
         out = run_once(
@@ -408,6 +415,7 @@ def measure(
             log,
             kill_at=kill_at,
             delay=delay,
+            kill_by=kill_at + cap if kill_at is not None else None,
             stall_s=stall_s,
             timeout_s=timeout_s,
         )
@@ -428,11 +436,13 @@ def measure(
         total = int(0.85 * expected_progress(spec))
         figures["progress_total_estimate"] = total
     rng = random.Random(seed)
+    # Kill k is due at k strides; a delay may not carry a run more than half a stride beyond
+    # (during a delay a resumed run can race through many short stages), so the kills stay
+    # spread and the last falls short of the end: kills + 2 strides in the whole campaign.
+    stride = total / (kills + 2)
+    cap = max(1, int(stride / 2))
     # Every delay is drawn up front: the same kill points whatever the runs do.
-    points = [
-        (math.ceil(k * total / (kills + 1)), rng.uniform(0.0, max_delay))
-        for k in range(1, kills + 1)
-    ]
+    points = [(math.ceil(k * stride), rng.uniform(0.0, max_delay)) for k in range(1, kills + 1)]
 
     work = base / "work"
     kill_log: list[dict[str, Any]] = []
@@ -443,7 +453,7 @@ def measure(
         start = progress(ledger_rows(work))
         kill_at = max(target, start + 1)
         what = f"run {figures['runs'] + 1} (resumed at progress {start})"
-        out = run(work, what, kill_at, delay)
+        out = run(work, what, kill_at, delay, cap)
         figures["runs"] += 1
         if not out.killed:  # the campaign ended before this kill point
             final_rc = _check_run(out, work, log, what)
