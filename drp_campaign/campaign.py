@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import shutil
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -685,10 +684,12 @@ class CampaignRun:
             butler_config=str(self.repo(site)),
             data_query=self._where(step, site),
             input_collections=self._input_collections(site),
-            output_run=output_run(self.spec.campaign, step, site),
+            output_run=self.site_output_run(step, site),
             output_collection=output_collection(self.spec.campaign, site),
             workload=workload,
-            submit_path=str(self.workdir / "submit" / site / step),
+            submit_path=str(
+                self.workdir / "submit" / site / f"{step}{self._attempt_suffix(step, site)}"
+            ),
         )
         path = self.workdir / "submit" / site / submit.file_name
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -699,7 +700,55 @@ class CampaignRun:
 
     def graph_file(self, step: str, site: str) -> Path:
         """Where a site-step's graph is saved (inside the site's storage, so it can ship)."""
-        return self.repo(site) / "graphs" / step / f"{site}.qg"
+        return self.repo(site) / "graphs" / step / f"{site}{self._attempt_suffix(step, site)}.qg"
+
+    # ------------------------------------------------------------------------------ attempts
+    def attempt(self, step: str, site: str) -> int:
+        """Which fresh submission of a site-step this is: 0, then 1, 2... after each cancel or
+        `forget_site_step` (each attempt has its own output run, graph and BPS directory)."""
+        value = self.ledger.name(step, site, "attempt")
+        return int(value) if value else 0
+
+    def _attempt_suffix(self, step: str, site: str) -> str:
+        n = self.attempt(step, site)
+        return "" if n == 0 else f"-attempt{n}"
+
+    def site_output_run(self, step: str, site: str) -> str:
+        """The RUN collection of a site-step's current attempt (`output_run`)."""
+        return output_run(self.spec.campaign, step, site, self.attempt(step, site))
+
+    def _new_attempt(self, step: str, site: str, keep: Sequence[str] = ()) -> int:
+        """Start a fresh attempt: forget every stage but ``keep``, and every name.
+
+        A new attempt needs new names because the old ones are taken: BPS refuses an existing
+        submit directory, PanDA's staging path and the graph's catalog entry are per output
+        run, and the old run may hold a cancelled run's partial outputs. Those stay where they
+        are, in their own RUN collection, so nothing is mixed or lost.
+        """
+        n = self.attempt(step, site) + 1
+        stages = [r.stage for r in self.ledger.records(step, site) if r.stage not in keep]
+        if stages:
+            self.ledger.reset(step, site, stages)
+        self.ledger.delete_names(step, site)
+        self.ledger.set_name(step, site, "attempt", str(n))
+        return n
+
+    def _resume_cancelled(self, step: str, site: str) -> None:
+        """A rerun after the site-step's run was cancelled submits it afresh, as a new attempt.
+
+        A cancelled run cannot be resumed (neither PanDA nor BPS restarts it), and rerunning
+        the site-step is how the operator says it should run after all.
+        """
+        run_id = self.ledger.name(step, site, "run_id")
+        if run_id is None or self.ledger.is_done(step, site, "submit"):
+            return
+        state = self.workloads[site].status(run_id).state
+        if state == WorkloadState.CANCELLED:
+            n = self._new_attempt(step, site, keep=("stage",))
+            self.progress(
+                f"{step} {site}: run {run_id} was cancelled; submitting attempt {n} "
+                f"as {self.site_output_run(step, site)}"
+            )
 
     def run_site_step(
         self, step: str, site: str, runner: StageRunner | None = None
@@ -736,6 +785,10 @@ class CampaignRun:
             ("arrive", lambda: self._arrive(step, site)),
         ]
         with self.ledger.claim(step, site):
+            try:
+                self._resume_cancelled(step, site)
+            except Exception as exc:
+                raise SiteStepFailed(step, site, "submit", f"{type(exc).__name__}: {exc}") from exc
             for name, fn in stages:
                 record = self.ledger.get(step, site, name)
                 if record is not None and record.state == StageState.SKIPPED:
@@ -774,7 +827,7 @@ class CampaignRun:
                     self.repo(site),
                     inputs,
                     self.graph_file(step, site),
-                    run=output_run(self.spec.campaign, step, site),
+                    run=self.site_output_run(step, site),
                     output=output_collection(self.spec.campaign, site),
                 )
             )
@@ -817,7 +870,7 @@ class CampaignRun:
             # created here, atomically, so that the final job's own (non-atomic) registration
             # finds it whole even if a kill interrupts that job (see `register_run`).
             with open_repo(self.repo(site)) as butler:
-                register_run(butler, output_run(self.spec.campaign, step, site))
+                register_run(butler, self.site_output_run(step, site))
             run_id = service.submit(Path(bps["file"]), Path(built["graph"]))
             self.ledger.set_name(step, site, "run_id", run_id)
         elif status.state == WorkloadState.FAILED:
@@ -842,7 +895,13 @@ class CampaignRun:
                 site,
                 "submit",
                 f"run {run_id} {status.state.value}: {labels or status.message}"
-                + (f"\n{status.message}" if labels and status.message else ""),
+                + (f"\n{status.message}" if labels and status.message else "")
+                + (
+                    f"\nRerun the site-step to submit it afresh as attempt "
+                    f"{self.attempt(step, site) + 1}."
+                    if status.state == WorkloadState.CANCELLED
+                    else ""
+                ),
             )
         return {
             "run_id": run_id,
@@ -858,7 +917,7 @@ class CampaignRun:
         figures : `dict`
             ``files`` and ``bytes`` registered, the ``rule`` id (none at the hub).
         """
-        run = output_run(self.spec.campaign, step, site)
+        run = self.site_output_run(step, site)
         with open_repo(self.repo(site), writeable=False) as butler:
             refs = (
                 [
@@ -914,10 +973,30 @@ class CampaignRun:
         return {"files": n, "wait_s": time.monotonic() - t0}
 
     # ------------------------------------------------------------------------------ reruns
-    def forget_site_step(self, step: str, site: str) -> None:
-        """Make a site-step run again from scratch (an operator's explicit rerun)."""
-        self.ledger.reset(step, site)
-        shutil.rmtree(self.workdir / "submit" / site / step, ignore_errors=True)
+    def forget_site_step(self, step: str, site: str) -> int:
+        """Make a site-step run again from scratch, as a new attempt (an operator's rerun).
+
+        The next `run_site_step` stages, renders, builds and submits again, into the new
+        attempt's output run; the previous attempt's outputs stay in theirs.
+
+        Returns
+        -------
+        attempt : `int`
+            The new attempt's number.
+
+        Raises
+        ------
+        ValueError
+            If the site-step's products were published already: a second set would reach the
+            hub's ``<campaign>/output`` beside the first.
+        """
+        if self.ledger.is_done(step, site, "publish"):
+            raise ValueError(
+                f"{step} at {site}: its products are published already (run "
+                f"{self.site_output_run(step, site)}); a fresh attempt would publish them twice. "
+                "Remove that run from the hub's output chain and from the catalog first."
+            )
+        return self._new_attempt(step, site)
 
 
 class _Skip(Exception):

@@ -20,7 +20,7 @@ import socket
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -260,6 +260,16 @@ class Ledger:
                 "ON CONFLICT (step, site, key) DO UPDATE SET value=excluded.value",
                 (step, site, key, value),
             )
+
+    def delete_names(self, step: str, site: str, keys: Iterable[str] | None = None) -> int:
+        """Forget names of a (step, site): ``keys``, or all of them (for a fresh attempt)."""
+        sql, args = "DELETE FROM names WHERE step=? AND site=?", [step, site]
+        if keys is not None:
+            keys = list(keys)
+            sql += f" AND key IN ({','.join('?' * len(keys))})"
+            args.extend(keys)
+        with self._connect() as c:
+            return c.execute(sql, args).rowcount
 
     def names(self, step: str | None = None, site: str | None = None) -> dict[str, str]:
         """Names of one (step, site) as ``key -> value`` (every name, keyed ``step/site/key``,

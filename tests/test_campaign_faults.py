@@ -17,9 +17,11 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from drp_campaign.backends.butler import has_collection, open_repo
 from drp_campaign.backends.factory import make_campaign_run
 from drp_campaign.backends.local.catalog import EmbeddedCatalog
 from drp_campaign.campaign import CampaignRun, SiteStepFailed, campaign_output
@@ -208,6 +210,36 @@ def test_concurrent_runs_of_one_site_step_never_submit_twice(tmp_path: Path) -> 
         result = run.run_site_step("step1", "USDF")  # the holder died: the lease is taken over
         assert result.n_quanta > 0
         assert run.ledger.name("step1", "USDF", "run_id") is not None
+
+        # An operator's fresh rerun of a site-step built but not yet run (e.g. after changing
+        # its inputs): a new attempt, with its own output run, graph and BPS directory.
+        class StopBeforeSubmit(Exception):
+            pass
+
+        def until_submit(stage: str, fn: Callable[[], Any]) -> Any:
+            if stage == "submit":
+                raise StopBeforeSubmit
+            return fn()
+
+        with pytest.raises(SiteStepFailed, match="StopBeforeSubmit"):
+            run.run_site_step("step1", "FrDF", runner=until_submit)
+        first_graph = run.graph_file("step1", "FrDF")
+        assert first_graph.exists() and run.attempt("step1", "FrDF") == 0
+        assert run.forget_site_step("step1", "FrDF") == 1
+        assert run.ledger.records("step1", "FrDF") == []
+        result = run.run_site_step("step1", "FrDF")
+        assert result.n_quanta > 0 and result.published_files > 0
+        fresh = f"{spec.campaign}/step1/FrDF/run-attempt1"
+        assert run.site_output_run("step1", "FrDF") == fresh
+        assert run.ledger.get("step1", "FrDF", "publish").figures["run"] == fresh  # type: ignore[union-attr]
+        assert run.graph_file("step1", "FrDF").name == "FrDF-attempt1.qg" and first_graph.exists()
+        with open_repo(run.repo("FrDF"), writeable=False) as butler:
+            assert butler.query_datasets("pvi", collections=fresh, explain=False)
+            # The first attempt never ran: its RUN was never even created.
+            assert not has_collection(butler, f"{spec.campaign}/step1/FrDF/run")
+        # Once published, a fresh attempt would publish the products twice: refused.
+        with pytest.raises(ValueError, match="published already"):
+            run.forget_site_step("step1", "FrDF")
 
 
 def test_a_failing_stage_names_step_site_and_cause(tmp_path: Path) -> None:

@@ -30,6 +30,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+import yaml
 from pydantic import SecretStr
 from typer.testing import CliRunner
 
@@ -148,16 +149,21 @@ def fresh_submission(
     and give FrDF a new PandaWorkload from the factory, staging under ``tmp``."""
     run = campaign.run
     run.ledger.reset(STEP, SITE, AFTER_SUBMIT)
-    # Ledger has no call to drop a name (forget_site_step keeps them too): an operator's sqlite3.
-    with sqlite3.connect(run.ledger.path) as c:
-        c.execute("DELETE FROM names WHERE step=? AND site=? AND key='run_id'", (STEP, SITE))
-    shutil.rmtree(campaign.workdir / "submit" / SITE / STEP, ignore_errors=True)
+    run.ledger.delete_names(STEP, SITE, ["run_id"])
+    shutil.rmtree(_submit_yaml(run)["submitPath"], ignore_errors=True)
     workload = make_workload(
         SITE, campaign.workdir, campaign.client, panda_values(server, token, tmp)
     )
     assert isinstance(workload, PandaWorkload)
     run.workloads[SITE] = workload
     return workload
+
+
+def _submit_yaml(run: CampaignRun) -> dict[str, Any]:
+    """The BPS submit file the ``bps`` stage rendered for FrDF's step1."""
+    bps = run.ledger.get(STEP, SITE, "bps")
+    assert bps is not None
+    return dict(yaml.safe_load(Path(bps.figures["file"]).read_text()))
 
 
 def _per_label_jobs(run: CampaignRun) -> dict[str, int]:
@@ -444,8 +450,38 @@ def test_flow_cancellation_cancels_the_panda_request(
     assert "CANCELLED" in (submit.error or "")
     assert run.ledger.get(STEP, SITE, "publish") is None
     assert len(server.workflows) == before + 1
+    assert "Rerun the site-step to submit it afresh as attempt" in str(failure)
     cancel_hook()  # a second cancellation is harmless
     assert server.request(run_id).status == "Cancelled"
+
+    # The operator reruns the site-step: a cancelled run cannot be resumed, so it is submitted
+    # afresh as the next attempt, with its own output run, graph and BPS directory.
+    attempt = run.attempt(STEP, SITE) + 1
+    old_graph = run.graph_file(STEP, SITE)
+    job = site_step(run)
+    job.wait_for(
+        lambda: run.ledger.name(STEP, SITE, "run_id") not in (None, run_id), "the new submission"
+    )
+    new_id = run.ledger.name(STEP, SITE, "run_id")
+    assert new_id is not None and len(server.workflows) == before + 2
+    assert run.attempt(STEP, SITE) == attempt
+    new_run = f"{run.spec.campaign}/{STEP}/{SITE}/run-attempt{attempt}"
+    assert run.site_output_run(STEP, SITE) == new_run
+    submitted = _submit_yaml(run)
+    assert submitted["payload"]["outputRun"] == new_run
+    assert submitted["submitPath"].endswith(f"{STEP}-attempt{attempt}")
+    assert run.graph_file(STEP, SITE) != old_graph and old_graph.exists()
+    assert run.ledger.get(STEP, SITE, "stage").attempts == 1  # type: ignore[union-attr]
+    server.start_request(new_id)
+    server.finish(new_id)
+    result = job.result()
+    assert isinstance(result, SiteStepResult), result
+    submit = run.ledger.get(STEP, SITE, "submit")
+    assert submit is not None and submit.state == StageState.DONE
+    assert submit.figures["run_id"] == new_id
+    assert server.request(run_id).status == "Cancelled"  # the old one was left alone
+    with pytest.raises(ValueError, match="published already"):
+        run.forget_site_step(STEP, SITE)
 
 
 def test_expired_token_tells_the_operator_what_to_run(
@@ -548,7 +584,7 @@ def test_unreachable_server_is_retried_then_named_and_nothing_is_done(
     assert [r.stage for r in run.ledger.records(STEP, SITE) if not r.done] == ["submit"]
     assert run.ledger.get(STEP, SITE, "publish") is None
     assert not (tmp_path / "panda-stage").exists()
-    assert not (campaign.workdir / "submit" / SITE / STEP).exists()
+    assert not Path(_submit_yaml(run)["submitPath"]).exists()
     assert len(server.workflows) == before
 
 

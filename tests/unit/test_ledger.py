@@ -48,6 +48,12 @@ def test_names_are_kept_and_overwritten(tmp_path: Path) -> None:
     ledger.set_name("step3", "FrDF", "rule", "abc")
     assert ledger.names("step3", "FrDF") == {"rule": "abc", "run_id": "102"}
     assert ledger.names() == {"step3/FrDF/rule": "abc", "step3/FrDF/run_id": "102"}
+    # A fresh attempt forgets the old submission's names, and only that site-step's.
+    ledger.set_name("step3", "UKDF", "run_id", "201")
+    assert ledger.delete_names("step3", "FrDF", ["run_id"]) == 1
+    assert ledger.names("step3", "FrDF") == {"rule": "abc"}
+    assert ledger.delete_names("step3", "FrDF") == 1
+    assert ledger.names() == {"step3/UKDF/run_id": "201"}
 
 
 def _hold(path: str, ready: mp.synchronize.Event, release: mp.synchronize.Event) -> None:
