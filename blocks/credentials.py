@@ -117,6 +117,24 @@ class PandaCredentials(Block):
     verify_host: bool = Field(
         default=True, description="Verify the server's host certificate (PANDA_VERIFY_HOST)."
     )
+    run_temp_space: str | None = Field(
+        default=None,
+        description=(
+            "Where a submission stages its prebuilt graph and Butler config "
+            "(LSST_RUN_TEMP_SPACE), reachable from here and from the site's worker nodes, "
+            "e.g. s3://bucket/panda-staging or a shared file system path."
+        ),
+    )
+    idds_server: str | None = Field(
+        default=None,
+        description="The iDDS server, when not the PanDA relay's default (iddsServer).",
+    )
+    retries: int = Field(
+        default=4, ge=1, description="Attempts of each PanDA call before the stage fails."
+    )
+    backoff_s: float = Field(
+        default=5.0, gt=0, description="First wait between attempts, doubled each time (s)."
+    )
 
     @model_validator(mode="after")
     def _token_present(self) -> Self:
@@ -139,7 +157,7 @@ class PandaCredentials(Block):
         -------
         settings : `dict` [`str`, `typing.Any`]
             ``panda_url``, ``panda_url_ssl``, ``cache_url``, ``auth``, ``auth_vo``,
-            ``id_token`` and ``verify_host``.
+            ``id_token`` and ``verify_host``; ``run_temp_space`` and ``idds_server`` when set.
 
         Raises
         ------
@@ -149,7 +167,7 @@ class PandaCredentials(Block):
         token = self.id_token.get_secret_value()
         if not token:
             raise ValueError(f"the PanDA credentials of site {site!r} have an empty id_token")
-        return {
+        settings: dict[str, Any] = {
             "panda_url": self.panda_url,
             "panda_url_ssl": self.panda_url_ssl,
             "cache_url": self.cache_url,
@@ -158,3 +176,11 @@ class PandaCredentials(Block):
             "id_token": token,
             "verify_host": self.verify_host,
         }
+        for key in ("run_temp_space", "idds_server"):
+            if getattr(self, key) is not None:
+                settings[key] = getattr(self, key)
+        return settings
+
+    def retry_policy(self) -> dict[str, Any]:
+        """``retries`` and ``backoff_s`` for `PandaWorkload` (not secret, not client settings)."""
+        return {"retries": self.retries, "backoff_s": self.backoff_s}

@@ -989,7 +989,13 @@ class CampaignRun:
         ValueError
             If the site-step's products were published already: a second set would reach the
             hub's ``<campaign>/output`` beside the first.
+        drp_campaign.ledger.SiteStepBusy
+            If another live process is running the site-step.
         """
+        with self.ledger.claim(step, site):  # never under a run in progress
+            return self._forget(step, site)
+
+    def _forget(self, step: str, site: str) -> int:
         if self.ledger.is_done(step, site, "publish"):
             raise ValueError(
                 f"{step} at {site}: its products are published already (run "

@@ -103,7 +103,9 @@ def _cancel_submitted_run(flow: Any, flow_run: Any, state: Any) -> None:
     flow_run_name=_site_step_run_name,
     on_cancellation=[_cancel_submitted_run],
 )
-def drp_site_step(spec: str, step: str, site: str, workdir: str) -> dict[str, Any]:
+def drp_site_step(
+    spec: str, step: str, site: str, workdir: str, fresh: bool = False
+) -> dict[str, Any]:
     """Run one step at one site: stage inputs, BPS file, graph, submit and wait, publish, arrive.
 
     Parameters
@@ -116,12 +118,25 @@ def drp_site_step(spec: str, step: str, site: str, workdir: str) -> dict[str, An
         Site name.
     workdir : `str`
         Work directory.
+    fresh : `bool`, optional
+        Start over as a new attempt (new output run, graph and BPS directory) instead of
+        resuming; refused once the site-step's products are published. A cancelled run is
+        resubmitted as a new attempt without it.
     """
     run = campaign_run(spec, workdir)
     if site not in run.sites_of(step):
         raise ValueError(
             f"{step} runs at {', '.join(run.sites_of(step))} only (placement "
             f"'{run.spec.step(step).placement}'), not at {site}"
+        )
+    if fresh:
+        attempt = run.forget_site_step(step, site)
+        get_run_logger().info(
+            "%s at %s: starting over as attempt %d (%s)",
+            step,
+            site,
+            attempt,
+            run.site_output_run(step, site),
         )
     result = run.run_site_step(step, site, runner=_stage_runner(step, site))
     return vars(result)

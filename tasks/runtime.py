@@ -95,12 +95,19 @@ def campaign_run(
             if hub is not None and getattr(hub, "catalog_backend", "embedded") == "rucio"
             else None
         )
-        panda = {
-            site: f.panda.panda_settings(site)
+        on_panda = {
+            site: f.panda
             for site, f in facilities.items()
             if f is not None and getattr(f, "workload_backend", "local") == "panda"
         }
-        run = make_campaign_run(spec, wd, dask_client(dask_address), rucio=rucio, panda=panda)
+        run = make_campaign_run(
+            spec,
+            wd,
+            dask_client(dask_address),
+            rucio=rucio,
+            panda={site: c.panda_settings(site) for site, c in on_panda.items()},
+            panda_retry={site: c.retry_policy() for site, c in on_panda.items()},
+        )
         _RUNS[key] = run
         return run
 

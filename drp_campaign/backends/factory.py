@@ -42,7 +42,12 @@ def make_catalog(workdir: str | Path, rucio: Mapping[str, Any] | None = None) ->
 
 
 def make_workload(
-    site: str, workdir: str | Path, client: Any, panda: Mapping[str, Any] | None = None
+    site: str,
+    workdir: str | Path,
+    client: Any,
+    panda: Mapping[str, Any] | None = None,
+    *,
+    retry: Mapping[str, Any] | None = None,
 ) -> WorkloadService:
     """A site's workload service: PanDA when settings are given, else the local executor.
 
@@ -55,8 +60,10 @@ def make_workload(
     client : `distributed.Client`
         Dask client of the local executor.
     panda : mapping, optional
-        PanDA settings (panda_url, panda_url_ssl, cache_url, auth, auth_vo, id_token,
-        verify_host).
+        PanDA settings (`PandaSettings.from_mapping`: panda_url, panda_url_ssl, cache_url,
+        auth, auth_vo, id_token, verify_host, config_root, run_temp_space, idds_server).
+    retry : mapping, optional
+        ``retries`` and ``backoff_s`` of the PanDA calls (`PandaWorkload`'s defaults if not).
 
     Returns
     -------
@@ -67,7 +74,9 @@ def make_workload(
 
         # BPS writes its submit directories under work_dir, not wherever the flow runs.
         return PandaWorkload(
-            PandaSettings(site=site, **panda), work_dir=Path(workdir) / "bps" / site
+            PandaSettings.from_mapping(site, panda),
+            work_dir=Path(workdir) / "bps" / site,
+            **dict(retry or {}),
         )
     from .local.workload import LocalService
 
@@ -81,6 +90,7 @@ def make_campaign_run(
     *,
     rucio: Mapping[str, Any] | None = None,
     panda: Mapping[str, Mapping[str, Any] | None] | None = None,
+    panda_retry: Mapping[str, Mapping[str, Any]] | None = None,
     **kwargs: Any,
 ) -> Any:
     """Assemble a `drp_campaign.campaign.CampaignRun` with the chosen backends.
@@ -97,6 +107,8 @@ def make_campaign_run(
         Rucio settings (the hub's): use Rucio instead of the embedded catalog.
     panda : mapping, optional
         Site -> PanDA settings, for the sites that use PanDA.
+    panda_retry : mapping, optional
+        Site -> ``retries`` and ``backoff_s`` of its PanDA calls.
     **kwargs
         Passed to `CampaignRun` (poll intervals, progress...).
 
@@ -110,7 +122,9 @@ def make_campaign_run(
     # The embedded catalog has no daemons: waiting callers drive its transfer worker.
     pump = getattr(catalog, "process_transfers", None)
     workloads = {
-        site: make_workload(site, workdir, client, (panda or {}).get(site))
+        site: make_workload(
+            site, workdir, client, (panda or {}).get(site), retry=(panda_retry or {}).get(site)
+        )
         for site in spec.site_names
     }
     return CampaignRun(

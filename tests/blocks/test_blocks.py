@@ -31,6 +31,8 @@ from blocks import (
 )
 from blocks.cli import app
 from drp_campaign.backends.butler import site_repo_root
+from drp_campaign.backends.factory import make_workload
+from drp_campaign.backends.panda import PandaWorkload
 from drp_campaign.model.spec import load_spec
 from drp_campaign.secrets_scan import scan
 
@@ -140,6 +142,20 @@ def test_settings_unwrap_secrets() -> None:
         "id_token": token,
         "verify_host": False,
     }
+    assert facility.panda.retry_policy() == {"retries": 4, "backoff_s": 5.0}
+    # The staging space and an iDDS server are passed on only when the block sets them, and
+    # the factory builds the site's PanDA service from exactly what the block holds.
+    staged = facility.panda.model_copy(
+        update={"run_temp_space": "s3://rubin-frdf/panda-staging", "retries": 2, "backoff_s": 0.5}
+    )
+    settings = staged.panda_settings("FrDF")
+    assert settings["run_temp_space"] == "s3://rubin-frdf/panda-staging"
+    assert "idds_server" not in settings
+    workload = make_workload("FrDF", "/work", None, settings, retry=staged.retry_policy())
+    assert isinstance(workload, PandaWorkload)
+    assert workload.settings.run_temp_space == "s3://rubin-frdf/panda-staging"
+    assert workload.settings.verify_host is False and workload.settings.id_token == token
+    assert (workload.retries, workload.backoff_s) == (2, 0.5)
 
 
 @pytest.mark.parametrize(
