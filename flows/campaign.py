@@ -19,6 +19,7 @@ from prefect.artifacts import (
     create_table_artifact,
     update_progress_artifact,
 )
+from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
 from drp_campaign.campaign import SiteStepFailed, SiteStepResult
 from drp_campaign.ledger import SiteStepBusy
@@ -87,6 +88,19 @@ def _stage_runner(step: str, site: str) -> Any:
     return run
 
 
+def _subflow(fn: Any, *args: Any) -> Any:
+    """Call a flow as a subflow of the running one, without its own heartbeat.
+
+    A subflow runs in its parent's process, whose heartbeat already tells the server that the
+    process is alive. Its own heartbeat thread sleeps in 1-s steps and the engine joins it at
+    the subflow's exit: up to a second per subflow, on the critical path of every step (the
+    step's flow waits for its sites' subflows, the campaign for the step's). Flows started
+    on their own (a deployment run of ``drp-step`` or ``drp-site-step``) keep theirs.
+    """
+    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+        return fn(*args)
+
+
 def _cancel_submitted_run(flow: Any, flow_run: Any, state: Any) -> None:
     """On cancellation of a site-step, cancel its run in the workload system too (PanDA)."""
     params = flow_run.parameters
@@ -144,7 +158,7 @@ def drp_site_step(
 
 def _site_step_in_thread(spec: str, step: str, site: str, workdir: str) -> Any:
     try:
-        return drp_site_step(spec, step, site, workdir)
+        return _subflow(drp_site_step, spec, step, site, workdir)
     except (SiteStepFailed, SiteStepBusy) as exc:
         return exc
 
@@ -250,7 +264,7 @@ def drp_campaign_flow(
     """
     from tasks.report import report_task
 
-    drp_plan(spec, workdir, dask_address)
+    _subflow(drp_plan, spec, workdir, dask_address)
     run = campaign_run(spec, workdir)
     for site in run.spec.site_names:
         setup_site(spec, workdir, site)
@@ -259,7 +273,7 @@ def drp_campaign_flow(
     todo = list(steps or run.spec.step_names)
     progress = _progress_artifact(run.spec.campaign)
     for i, step in enumerate(todo, start=1):
-        results[step] = drp_step(spec, step, workdir)
+        results[step] = _subflow(drp_step, spec, step, workdir)
         if progress is not None:
             update_progress_artifact(progress, 100.0 * i / len(todo))
     report = report_task(spec, workdir, verify)

@@ -1,4 +1,6 @@
-"""A PanDA site driven by the drp-site-step stages (issue 6, item 4: flow integration).
+"""A PanDA site driven by the drp-site-step stages: submit, partial failure and restart, crash and
+poll, cancellation and a fresh attempt, token expiry and refresh, an unreachable server, and the
+site's DataFacility block.
 
 A small real campaign (3 LSSTComCam visits: real Butler repositories, graphs and transfers with
 the embedded catalog) whose FrDF site uses PanDA: ``make_campaign_run(..., panda={"FrDF": ...})``
@@ -278,6 +280,7 @@ def test_success_submits_once_to_the_sites_panda_queue(
     works = works_of(recorded.workflow)
     assert {(w["site"], w["cloud"]) for w in works} == {("CC-IN2P3", "EU")}
     assert {w["label"]: w["n_jobs"] for w in works} == _per_label_jobs(run)
+    assert {w["queue"] for w in works if w["label"] == "finalJob"} == {"CC-IN2P3_Rubin_Merge"}
     # Submitted and recorded, not done: the stage polls until the run ends.
     submit = run.ledger.get(STEP, SITE, "submit")
     assert submit is not None and submit.state == StageState.RUNNING
