@@ -43,6 +43,17 @@ def _spec_file(tmp: Path, visits: int = 6) -> Path:
     return path
 
 
+class StopBeforeSubmit(Exception):
+    pass
+
+
+def until_submit(stage: str, fn: Callable[[], Any]) -> Any:
+    """A stage runner (as the flow passes one) that stops a site-step before it submits."""
+    if stage == "submit":
+        raise StopBeforeSubmit
+    return fn()
+
+
 def _ledger_state(workdir: Path, step: str, stage: str) -> set[str]:
     """States of a stage over every site (read-only, tolerant of a ledger not yet created)."""
     path = workdir / "ledger.sqlite"
@@ -213,14 +224,6 @@ def test_concurrent_runs_of_one_site_step_never_submit_twice(tmp_path: Path) -> 
 
         # An operator's fresh rerun of a site-step built but not yet run (e.g. after changing
         # its inputs): a new attempt, with its own output run, graph and BPS directory.
-        class StopBeforeSubmit(Exception):
-            pass
-
-        def until_submit(stage: str, fn: Callable[[], Any]) -> Any:
-            if stage == "submit":
-                raise StopBeforeSubmit
-            return fn()
-
         with pytest.raises(SiteStepFailed, match="StopBeforeSubmit"):
             run.run_site_step("step1", "FrDF", runner=until_submit)
         first_graph = run.graph_file("step1", "FrDF")

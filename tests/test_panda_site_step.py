@@ -56,7 +56,7 @@ from flows.campaign import _cancel_submitted_run, drp_site_step
 
 from .blocks import conftest as blocks_conftest
 from .panda_server import PandaTestServer, free_port, works_of
-from .test_campaign_faults import _spec_file
+from .test_campaign_faults import _spec_file, until_submit
 
 # A real authenticated Prefect server (scripts/prefect_server.py), for the DataFacility blocks.
 prefect_server = blocks_conftest.prefect_server
@@ -94,17 +94,6 @@ def panda_values(server: PandaTestServer, token: str, tmp: Path) -> dict[str, An
     }
 
 
-class _StopBeforeSubmit(Exception):
-    pass
-
-
-def _until_submit(stage: str, fn: Callable[[], Any]) -> Any:
-    """A stage runner (as the flow passes one) that stops a site-step before it submits."""
-    if stage == "submit":
-        raise _StopBeforeSubmit
-    return fn()
-
-
 @dataclass
 class Campaign:
     spec_path: Path
@@ -136,8 +125,8 @@ def campaign(
         for site in spec.site_names:
             run.setup_site(site)
         run.distribute_inputs()
-        with pytest.raises(SiteStepFailed, match="_StopBeforeSubmit"):
-            run.run_site_step(STEP, SITE, runner=_until_submit)
+        with pytest.raises(SiteStepFailed, match="StopBeforeSubmit"):
+            run.run_site_step(STEP, SITE, runner=until_submit)
         assert run.ledger.get(STEP, SITE, "submit") is None
         assert run.ledger.is_done(STEP, SITE, "build")
         assert int(run.ledger.get(STEP, SITE, "build").figures["n_quanta"]) > 0  # type: ignore[union-attr]
