@@ -43,7 +43,7 @@ from .backends.butler import (
     has_collection,
     open_repo,
     populate_repo,
-    register_run,
+    prepare_graph_outputs,
     site_repo_root,
 )
 from .backends.ingest import (
@@ -866,11 +866,11 @@ class CampaignRun:
         local = type(service).__name__ == "LocalService"
         if status is None or (local and status.state == WorkloadState.RUNNING):
             # Never submitted, or a local run whose process died: (re)submit. A remote run
-            # that is still RUNNING is polled below, never submitted twice. The output run is
-            # created here, atomically, so that the final job's own (non-atomic) registration
-            # finds it whole even if a kill interrupts that job (see `register_run`).
+            # that is still RUNNING is polled below, never submitted twice. The output run and
+            # chain are created here, atomically, so that the final job's own (non-atomic)
+            # registrations find them whole even if a kill interrupts that job.
             with open_repo(self.repo(site)) as butler:
-                register_run(butler, self.site_output_run(step, site))
+                prepare_graph_outputs(butler, built["graph"])
             run_id = service.submit(Path(bps["file"]), Path(built["graph"]))
             self.ledger.set_name(step, site, "run_id", run_id)
         elif status.state == WorkloadState.FAILED:

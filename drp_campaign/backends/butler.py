@@ -115,6 +115,8 @@ __all__ = [
     "populate_site_repos",
     "register_campaign_dimensions",
     "register_run",
+    "prepare_graph_outputs",
+    "ensure_output_chain",
     "register_skymap",
     "register_visits",
     "site_repo_root",
@@ -785,6 +787,68 @@ def register_run(butler: Butler, name: str) -> bool:
     """
     with butler.transaction():
         return butler.collections.register(name)
+
+
+def prepare_graph_outputs(butler: Butler, graph_path: str | Path) -> tuple[str, str | None]:
+    """Create a graph's output RUN and output CHAINED collection before it runs, atomically.
+
+    The final job (``butler aggregate-graph``) creates them itself, but in separate
+    transactions: the chain is registered, then the graph's inputs are added to it, then the
+    run is prepended. A job killed between the first two leaves an output chain without the
+    inputs, and since the chain then exists, no later job adds them: every later step at the
+    site misses the raws, calibrations and sky map (seen as a resumed step3 trying to move
+    the sky map). Made here in one transaction each (`register_run`), they are whole; the
+    final job then only prepends its run, an idempotent single change.
+
+    Parameters
+    ----------
+    butler : `lsst.daf.butler.Butler`
+        The site's repository, writeable.
+    graph_path : `str` or `pathlib.Path`
+        The predicted graph (its header names the run, the chain and the inputs).
+
+    Returns
+    -------
+    run, output : `str`, `str` or `None`
+        The output RUN and CHAINED collections (`None`: the graph has no output chain).
+    """
+    from lsst.pipe.base.quantum_graph import PredictedQuantumGraph
+
+    with PredictedQuantumGraph.open(str(graph_path)) as reader:
+        header = reader.header
+    register_run(butler, header.output_run)
+    if header.output:
+        ensure_output_chain(butler, header.output, header.inputs)
+    return header.output_run, header.output or None
+
+
+def ensure_output_chain(butler: Butler, output: str, inputs: Sequence[str]) -> bool:
+    """Create an output CHAINED collection holding ``inputs`` (flattened), in one transaction.
+
+    What the final job does for a new chain, but all-or-nothing (`prepare_graph_outputs`
+    says why). An existing chain is left as it is.
+
+    Parameters
+    ----------
+    butler : `lsst.daf.butler.Butler`
+        A writeable repository.
+    output : `str`
+        The CHAINED collection.
+    inputs : sequence of `str`
+        The graph's input collections.
+
+    Returns
+    -------
+    created : `bool`
+        Whether the chain was created now.
+    """
+    with butler.transaction():
+        created = butler.collections.register(output, CollectionType.CHAINED)
+        if created and inputs:
+            # The inputs flattened, as the final job would put them, behind the runs to come.
+            flattened = butler.collections.query(list(inputs), flatten_chains=True)
+            butler.collections.extend_chain(output, flattened)
+    return created
 
 
 def has_collection(butler: Butler, name: str) -> bool:

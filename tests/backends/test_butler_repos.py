@@ -316,3 +316,57 @@ def test_register_run_is_atomic_under_a_kill(tmp_path: Path) -> None:
         butler.registry.registerDatasetType(dataset_type)
         ref = butler.put({"visits": 2}, dataset_type, run=run)
         assert butler.get(ref) == {"visits": 2}
+
+
+_KILL_BEFORE_THE_INPUTS = """
+import os, sys
+from lsst.daf.butler import Butler
+from drp_campaign.backends.butler import ensure_output_chain
+
+butler = Butler.from_config(sys.argv[1], writeable=True)
+
+def killed_before_the_inputs(self, *args, **kwargs):
+    os._exit(9)  # as a SIGKILL would, with no cleanup
+
+type(butler.collections).extend_chain = killed_before_the_inputs
+ensure_output_chain(butler, "campaign/FrDF/output", ["inputs"])
+"""
+
+
+def test_output_chain_is_created_whole_or_not_at_all(tmp_path: Path) -> None:
+    """A kill between registering the output chain and adding the inputs leaves no chain.
+
+    The final job creates the chain in separate transactions; a chain left without its inputs
+    was never repaired, and every later step at the site missed the raws, calibrations and
+    sky map.
+    """
+    import subprocess
+    import sys
+
+    from drp_campaign.backends.butler import ensure_output_chain, has_collection, register_run
+
+    repo = tmp_path / "repo"
+    Butler.makeRepo(str(repo))
+    with Butler.from_config(str(repo), writeable=True) as butler:
+        for run in ("raws", "calibs"):
+            register_run(butler, run)
+        butler.collections.register("inputs", CollectionType.CHAINED)
+        butler.collections.redefine_chain("inputs", ["raws", "calibs"])
+    proc = subprocess.run(
+        [sys.executable, "-c", _KILL_BEFORE_THE_INPUTS, str(repo)], capture_output=True, text=True
+    )
+    assert proc.returncode == 9, proc.stderr
+    chain = "campaign/FrDF/output"
+    with Butler.from_config(str(repo), writeable=True) as butler:
+        assert not has_collection(butler, chain)
+        assert ensure_output_chain(butler, chain, ["inputs"]) is True
+        assert list(butler.collections.get_info(chain).children) == ["raws", "calibs"]
+        # The final job then prepends its run; a second preparation changes nothing.
+        register_run(butler, "campaign/step1/FrDF/run")
+        butler.collections.prepend_chain(chain, "campaign/step1/FrDF/run")
+        assert ensure_output_chain(butler, chain, ["inputs"]) is False
+        assert list(butler.collections.get_info(chain).children) == [
+            "campaign/step1/FrDF/run",
+            "raws",
+            "calibs",
+        ]
