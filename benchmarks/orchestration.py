@@ -42,7 +42,6 @@ import resource
 import shlex
 import shutil
 import signal
-import sqlite3
 import statistics
 import subprocess
 import sys
@@ -54,39 +53,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-DEMO = ROOT / "deployments" / "campaigns" / "dc2-test-med-1-demo.yaml"
-CLI = [sys.executable, "-m", "drp_campaign.cli"]
+from _campaign import CLI, ROOT, LedgerRow, demo_spec, ledger_rows, load_average, rounded
+
 SERVER = [sys.executable, str(ROOT / "scripts" / "prefect_server.py")]
 CORES = os.cpu_count() or 1
 # Timings are flagged as noisy when other work averaged more than this many cores during a run.
 FOREIGN_CPU_NOISY = 0.25
 
-LedgerRow = tuple[str, str, str, str, float | None, float | None, int]
-
-
 # ----------------------------------------------------------------------------------------------
-# Helpers (kept in this file: the benchmarks are standalone scripts)
-
-
-def demo_spec(directory: Path, visits: int) -> Path:
-    """Write the demo spec with ``visits`` visits in ``directory`` (pipeline path absolute)."""
-    text = DEMO.read_text()
-    for old, new in (
-        ("visits: 8}", f"visits: {visits}}}"),
-        ("yaml: pipelines/", f"yaml: {ROOT}/pipelines/"),  # the path is relative to the spec
-    ):
-        if old not in text:  # the demo spec changed shape: fail loudly, not on another spec
-            raise RuntimeError(f"{DEMO} no longer contains {old!r}")
-        text = text.replace(old, new)
-    path = directory / f"spec-{visits}.yaml"
-    path.write_text(text)
-    return path
-
-
-def load_average() -> float:
-    """The 1-minute load average."""
-    return float(Path("/proc/loadavg").read_text().split()[0])
+# Helpers
 
 
 def cpu_busy_s() -> float:
@@ -101,23 +76,6 @@ def children_cpu_s() -> float:
     """CPU seconds of this process's reaped descendants (the runs and their Dask workers)."""
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
-
-
-def ledger_rows(workdir: Path) -> list[LedgerRow]:
-    """(step, site, stage, state, started, finished, attempts) of every stage, read-only."""
-    path = workdir / "ledger.sqlite"
-    if not path.exists():
-        return []
-    try:
-        with sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30) as c:
-            return list(
-                c.execute(
-                    "SELECT step, site, stage, state, started, finished, attempts FROM stages "
-                    "ORDER BY seq"
-                )
-            )
-    except sqlite3.OperationalError:  # the ledger is being created
-        return []
 
 
 @dataclass
@@ -405,16 +363,6 @@ def compare(plain: Mapping[str, Any], flows: Mapping[str, Any]) -> dict[str, Any
     }
 
 
-def _rounded(value: Any) -> Any:
-    if isinstance(value, float):
-        return round(value, 4) if abs(value) < 10 else round(value, 2)
-    if isinstance(value, dict):
-        return {k: _rounded(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_rounded(v) for v in value]
-    return value
-
-
 def measure(visits: int, repeats: int, keep: bool) -> dict[str, Any]:
     """Run the comparison ``repeats`` times; medians at the top, every repeat in ``rounds``."""
     load_before = load_average()
@@ -462,7 +410,7 @@ def measure(visits: int, repeats: int, keep: bool) -> dict[str, Any]:
     foreign = max(
         max(r["plain"]["foreign_cpu_cores"], r["prefect"]["foreign_cpu_cores"]) for r in rounds
     )
-    return _rounded(
+    return rounded(
         {
             **headline,
             "prefect_tasks": last["prefect"]["prefect_tasks"],
@@ -485,7 +433,9 @@ def measure(visits: int, repeats: int, keep: bool) -> dict[str, Any]:
             "noisy": load_before >= 1.0 or foreign > FOREIGN_CPU_NOISY,
             "cores": CORES,
             "rounds": rounds,
-        }
+        },
+        4,
+        2,
     )
 
 

@@ -54,57 +54,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-DEMO = ROOT / "deployments" / "campaigns" / "dc2-test-med-1-demo.yaml"
-CLI = [sys.executable, "-m", "drp_campaign.cli"]
+from _campaign import CLI, ROOT, LedgerRow, demo_spec, ledger_rows, load_average, rounded
+
+from drp_campaign.ledger import pid_alive
+
 CORES = os.cpu_count() or 1
 # Stages that wait for the embedded catalog's transfers: where a lost claim would stall a run.
 TRANSFER_STAGES = frozenset({"distribute", "stage", "arrive"})
 # Stages of one (step, site), in order (drp_campaign.campaign.CampaignRun.run_site_step).
 SITE_STEP_STAGES = 6
 
-LedgerRow = tuple[str, str, str, str, float | None, float | None, int]
-
-
 # ----------------------------------------------------------------------------------------------
-# Helpers (kept in this file: the benchmarks are standalone scripts)
-
-
-def demo_spec(directory: Path, visits: int) -> Path:
-    """Write the demo spec with ``visits`` visits in ``directory`` (pipeline path absolute)."""
-    text = DEMO.read_text()
-    for old, new in (
-        ("visits: 8}", f"visits: {visits}}}"),
-        ("yaml: pipelines/", f"yaml: {ROOT}/pipelines/"),  # the path is relative to the spec
-    ):
-        if old not in text:  # the demo spec changed shape: fail loudly, not on another spec
-            raise RuntimeError(f"{DEMO} no longer contains {old!r}")
-        text = text.replace(old, new)
-    path = directory / f"spec-{visits}.yaml"
-    path.write_text(text)
-    return path
-
-
-def load_average() -> float:
-    """The 1-minute load average."""
-    return float(Path("/proc/loadavg").read_text().split()[0])
-
-
-def ledger_rows(workdir: Path) -> list[LedgerRow]:
-    """(step, site, stage, state, started, finished, attempts) of every stage, read-only."""
-    path = workdir / "ledger.sqlite"
-    if not path.exists():
-        return []
-    try:
-        with sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30) as c:
-            return list(
-                c.execute(
-                    "SELECT step, site, stage, state, started, finished, attempts FROM stages "
-                    "ORDER BY seq"
-                )
-            )
-    except sqlite3.OperationalError:  # the ledger is being created
-        return []
+# Helpers
 
 
 def progress(rows: Sequence[LedgerRow]) -> int:
@@ -127,19 +88,6 @@ def expected_progress(spec_path: Path) -> int:
 
 def _running(rows: Sequence[LedgerRow]) -> list[str]:
     return [f"{r[0]}/{r[1]}/{r[2]}" for r in rows if r[3] == "RUNNING"]
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def _group_alive(pgid: int) -> bool:
@@ -171,7 +119,7 @@ def catalog_requests(workdir: Path) -> dict[str, Any]:
             "claimed_by": owner,
             "requests": n,
             "claimed_s_ago": round(time.time() - since, 1) if since else None,
-            "owner_alive": bool(owner) and _pid_alive(int(str(owner).split(":")[1])),
+            "owner_alive": bool(owner) and pid_alive(int(str(owner).split(":")[1])),
         }
         for owner, n, since in owners
     ]
@@ -522,16 +470,6 @@ def failures(fig: Mapping[str, Any]) -> list[str]:
     return bad
 
 
-def _rounded(value: Any) -> Any:
-    if isinstance(value, float):
-        return round(value, 3) if abs(value) < 10 else round(value, 1)
-    if isinstance(value, dict):
-        return {k: _rounded(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_rounded(v) for v in value]
-    return value
-
-
 def print_table(fig: Mapping[str, Any]) -> None:
     """The figures that answer the question, one a line (those measured, if it stopped early)."""
     print(f"\n{'figure':<28} value")
@@ -634,7 +572,7 @@ def main() -> None:
         else:
             shutil.rmtree(base, ignore_errors=True)
     fig["load_average"] = {"before": load_before, "after": load_average()}
-    fig = _rounded(fig)
+    fig = rounded(fig, 3, 1)
     print_table(fig)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(fig, indent=1) + "\n")

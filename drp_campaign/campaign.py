@@ -993,16 +993,14 @@ class CampaignRun:
             If another live process is running the site-step.
         """
         with self.ledger.claim(step, site):  # never under a run in progress
-            return self._forget(step, site)
-
-    def _forget(self, step: str, site: str) -> int:
-        if self.ledger.is_done(step, site, "publish"):
-            raise ValueError(
-                f"{step} at {site}: its products are published already (run "
-                f"{self.site_output_run(step, site)}); a fresh attempt would publish them twice. "
-                "Remove that run from the hub's output chain and from the catalog first."
-            )
-        return self._new_attempt(step, site)
+            if self.ledger.is_done(step, site, "publish"):
+                raise ValueError(
+                    f"{step} at {site}: its products are published already (run "
+                    f"{self.site_output_run(step, site)}); a fresh attempt would publish them "
+                    "twice. Remove that run from the hub's output chain and from the catalog "
+                    "first."
+                )
+            return self._new_attempt(step, site)
 
 
 class _Skip(Exception):

@@ -789,7 +789,7 @@ def register_run(butler: Butler, name: str) -> bool:
         return butler.collections.register(name)
 
 
-def prepare_graph_outputs(butler: Butler, graph_path: str | Path) -> tuple[str, str | None]:
+def prepare_graph_outputs(butler: Butler, graph_path: str | Path) -> None:
     """Create a graph's output RUN and output CHAINED collection before it runs, atomically.
 
     The final job (``butler aggregate-graph``) creates them itself, but in separate
@@ -806,11 +806,6 @@ def prepare_graph_outputs(butler: Butler, graph_path: str | Path) -> tuple[str, 
         The site's repository, writeable.
     graph_path : `str` or `pathlib.Path`
         The predicted graph (its header names the run, the chain and the inputs).
-
-    Returns
-    -------
-    run, output : `str`, `str` or `None`
-        The output RUN and CHAINED collections (`None`: the graph has no output chain).
     """
     from lsst.pipe.base.quantum_graph import PredictedQuantumGraph
 
@@ -819,7 +814,6 @@ def prepare_graph_outputs(butler: Butler, graph_path: str | Path) -> tuple[str, 
     register_run(butler, header.output_run)
     if header.output:
         ensure_output_chain(butler, header.output, header.inputs)
-    return header.output_run, header.output or None
 
 
 def ensure_output_chain(butler: Butler, output: str, inputs: Sequence[str]) -> bool:
