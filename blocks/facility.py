@@ -11,7 +11,6 @@ need.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, Literal, Self
 
@@ -19,6 +18,7 @@ from prefect.blocks.core import Block
 from pydantic import ConfigDict, Field, model_validator
 
 from drp_campaign.backends.interfaces import rse_name
+from drp_campaign.model.naming import data_facility_document_name, data_facility_slug
 
 from .credentials import PandaCredentials, RucioCredentials
 
@@ -34,8 +34,6 @@ __all__ = [
     "load_data_facility",
     "load_data_facility_document",
 ]
-
-_NOT_NAME_CHARACTERS = re.compile(r"[^a-z0-9-]+")
 
 
 class DataFacility(Block):
@@ -112,44 +110,6 @@ class DataFacility(Block):
                 f"{rse!r} is not an RSE of site {self.site!r} ({self.raw_rse}, {self.butler_rse})"
             )
         return Path(self.storage_root) / rse
-
-
-def data_facility_slug(site: str) -> str:
-    """The site part of a block document name: lower case, ``_`` and others become ``-``.
-
-    Parameters
-    ----------
-    site : `str`
-        Site name (``USDF``, ``Fr_DF``).
-
-    Returns
-    -------
-    slug : `str`
-        ``usdf``, ``fr-df``: what Prefect allows in block document names (``[a-z0-9-]``).
-    """
-    slug = _NOT_NAME_CHARACTERS.sub("-", site.lower()).strip("-")
-    if not slug:
-        raise ValueError(f"site name {site!r} leaves nothing usable in a block name")
-    return slug
-
-
-def data_facility_document_name(campaign: str, site: str) -> str:
-    """Name of the `DataFacility` block document of one site of one campaign.
-
-    Parameters
-    ----------
-    campaign : `str`
-        Campaign name (``[a-z0-9-]+``).
-    site : `str`
-        Site name from the spec.
-
-    Returns
-    -------
-    name : `str`
-        ``<campaign>-<site slug>``, e.g. ``dc2-test-med-1-usdf``; the full reference is
-        ``data-facility/<name>``.
-    """
-    return f"{campaign}-{data_facility_slug(site)}"
 
 
 def embedded_data_facility(spec: CampaignSpec, site: str, workdir: Path) -> DataFacility:

@@ -49,9 +49,11 @@ __all__ = [
     "SURVEY_PRESETS",
     "VISITS_CSV_COLUMNS",
     "CampaignSpec",
+    "InputsSpec",
     "PartitionSpec",
     "PipelineSpec",
     "Problem",
+    "ResolvedInputs",
     "SiteSpec",
     "SkymapSpec",
     "SpecError",
@@ -260,6 +262,52 @@ class PipelineSpec(_Model):
     yaml_path: Path | None = Field(default=None, strict=False)
 
 
+class InputsSpec(_Model):
+    """The hub's input collections (DESIGN.md section 10).
+
+    What the campaign replicates is what the pipeline reads from these: the raws of each site's
+    visits from ``raws``, every calibration the pipeline reads from ``calibs`` (certified at the
+    sites with the hub's validity ranges), and every other overall input found in ``extra``.
+    `None` means the embedded default's name for the spec's instrument.
+    """
+
+    raws: str | None = Field(default=None, min_length=1)
+    calibs: str | None = Field(default=None, min_length=1)
+    extra: tuple[str, ...] = Field(default=("skymaps",), strict=False)
+
+    def collections(self, instrument: str) -> ResolvedInputs:
+        """The input collections with the defaults of ``instrument`` filled in.
+
+        Parameters
+        ----------
+        instrument : `str`
+            The spec's instrument.
+
+        Returns
+        -------
+        inputs : `ResolvedInputs`
+        """
+        return ResolvedInputs(
+            raws=self.raws or f"{instrument}/raw/all",
+            calibs=self.calibs or f"{instrument}/calib",
+            extra=tuple(self.extra),
+        )
+
+
+@dataclass(frozen=True)
+class ResolvedInputs:
+    """The hub's input collections, defaults resolved: raws, calibs, then the extra ones."""
+
+    raws: str
+    calibs: str
+    extra: tuple[str, ...]
+
+    @property
+    def all(self) -> list[str]:
+        """Every input collection, in search order."""
+        return list(dict.fromkeys([self.raws, self.calibs, *self.extra]))
+
+
 class StepSpec(_Model):
     """One step: a pipeline subset run as one submission per site (or once, gathered)."""
 
@@ -281,6 +329,13 @@ class CampaignSpec(_Model):
     partition: PartitionSpec = PartitionSpec()
     pipeline: PipelineSpec
     steps: list[StepSpec] = Field(min_length=1)
+    inputs: InputsSpec = InputsSpec()
+    # Dataset types that never leave the site that made them (DESIGN.md section 5); the
+    # pipeline's, so the spec says them: nothing in the engine names a DRP dataset type.
+    temporaries: tuple[str, ...] = Field(default=(), strict=False)
+    # The pipeline's processed visit image: the overlap transfers the plan predicts, which the
+    # milestone report compares one by one with what moved (unchecked if not named).
+    pvi: str | None = Field(default=None, min_length=1)
     source: Path | None = Field(default=None, strict=False)
 
     @model_validator(mode="after")
@@ -289,6 +344,11 @@ class CampaignSpec(_Model):
         if not _from_loader(info):
             _raise_if(_cross_problems(self.model_dump(exclude={"source"})))
         return self
+
+    @property
+    def input_collections(self) -> ResolvedInputs:
+        """The hub's input collections (`InputsSpec.collections` for this instrument)."""
+        return self.inputs.collections(self.instrument)
 
     @property
     def site_names(self) -> list[str]:
@@ -377,12 +437,16 @@ _ALLOWED_KEYS: dict[str, tuple[str, ...]] = {
         "partition",
         "pipeline",
         "steps",
+        "inputs",
+        "temporaries",
+        "pvi",
     ),
     "skymap": ("name", "rings", "builder"),
     "survey": ("preset", "seed", "visits"),
     "sites.*": ("compute_site", "cloud", "share"),
     "partition": ("policy",),
     "pipeline": ("yaml",),
+    "inputs": ("raws", "calibs", "extra"),
     "steps[]": ("name", "subset", "shard", "placement"),
 }
 
@@ -502,6 +566,41 @@ _HELP: dict[str, _Help] = {
         "yaml: pipelines/DRP-mock.yaml",
         "give the pipeline file relative to the spec or to the repository root.",
     ),
+    "inputs": _Help(
+        "must be a mapping {raws, calibs, extra}",
+        "inputs: {raws: LSSTCam/raw/all, calibs: LSSTCam/calib, extra: [skymaps]}",
+        "name the hub's input collections, e.g. '{raws: LSSTCam/raw/all, calibs: "
+        "LSSTCam/calib, extra: [skymaps, refcats]}'.",
+    ),
+    "inputs.raws": _Help(
+        "must be the name of a collection of the hub's repository",
+        "raws: LSSTCam/raw/all",
+        "give the hub's collection of raws, e.g. 'LSSTCam/raw/all' (default "
+        "'<instrument>/raw/all').",
+    ),
+    "inputs.calibs": _Help(
+        "must be the name of a collection of the hub's repository",
+        "calibs: LSSTCam/calib",
+        "give the hub's calibration collection (usually CHAINED), e.g. 'LSSTCam/calib' "
+        "(default '<instrument>/calib').",
+    ),
+    "inputs.extra": _Help(
+        "must be a list of collection names of the hub's repository",
+        "extra: [skymaps]",
+        "list the other input collections every site needs, e.g. '[skymaps, refcats]'.",
+    ),
+    "temporaries": _Help(
+        "must be a list of dataset type names",
+        "temporaries: [postISRCCD, directWarp]",
+        "list the dataset types that stay at the site that made them (never published), "
+        "e.g. '[post_isr_image, direct_warp, psf_matched_warp]'.",
+    ),
+    "pvi": _Help(
+        "must be a dataset type name",
+        "pvi: calexp",
+        "name the pipeline's processed visit image dataset type (e.g. 'calexp', "
+        "'preliminary_visit_image'): the overlap transfers the plan predicts.",
+    ),
     "steps": _Help(
         "must be a non-empty list of steps",
         "steps: [{name: step1, subset: step1, shard: visit, placement: per-site}]",
@@ -616,7 +715,7 @@ def _unknown_keys(data: Mapping[Any, Any]) -> list[Problem]:
             problems.append(Problem(key, reason, fix, rename_to=rename_to))
 
     check(data, ())
-    for section in ("skymap", "survey", "partition", "pipeline"):
+    for section in ("skymap", "survey", "partition", "pipeline", "inputs"):
         check(data.get(section), (section,))
     sites = data.get("sites")
     if isinstance(sites, Mapping):
