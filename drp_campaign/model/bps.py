@@ -75,6 +75,7 @@ __all__ = [
     "SiteStepSubmit",
     "data_query",
     "final_queue",
+    "input_chain",
     "input_collections",
     "output_collection",
     "output_run",
@@ -256,25 +257,39 @@ def output_collection(campaign: str, site: str) -> str:
     return f"{_check_name('campaign', campaign)}/{_check_name('site', site)}/output"
 
 
-def input_collections(campaign: str, instrument: str) -> list[str]:
-    """Return the input collections of every step, in search order.
+def input_chain(campaign: str) -> str:
+    """Return the campaign's CHAINED input collection at every site: ``{campaign}/inputs``.
+
+    Setup defines it at each site as the spec's input collections (raws, calibrations, extra),
+    so every step's graph reads the same inputs wherever it runs.
 
     Parameters
     ----------
     campaign : `str`
-        The campaign name. The inputs are currently the same for every campaign; the argument is
-        validated so that a campaign-specific input can be added without changing callers.
-    instrument : `str`
-        The instrument name (``LSSTCam-imSim``).
+        The campaign name.
+
+    Returns
+    -------
+    collection : `str`
+        ``{campaign}/inputs``.
+    """
+    return f"{_check_name('campaign', campaign)}/inputs"
+
+
+def input_collections(campaign: str) -> list[str]:
+    """Return the input collections of a site's first step, in search order.
+
+    Parameters
+    ----------
+    campaign : `str`
+        The campaign name.
 
     Returns
     -------
     collections : `list` [`str`]
-        ``[{instrument}/raw/all, {instrument}/calib, skymaps]``.
+        ``[{campaign}/inputs]`` (`input_chain`).
     """
-    _check_name("campaign", campaign)
-    _check_name("instrument", instrument)
-    return [f"{instrument}/raw/all", f"{instrument}/calib", "skymaps"]
+    return [input_chain(campaign)]
 
 
 def payload_name(campaign: str, step: str, site: str) -> str:
@@ -812,7 +827,7 @@ def submits_for_campaign(
     if pipeline is None:
         path = spec.pipeline.yaml_path
         pipeline = str(path) if path is not None else spec.pipeline.yaml
-    inputs = input_collections(spec.campaign, spec.instrument)
+    inputs = input_collections(spec.campaign)
     skymap = spec.skymap.name
     submits: list[SiteStepSubmit] = []
     for step in spec.steps:

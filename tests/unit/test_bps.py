@@ -192,11 +192,7 @@ def test_names() -> None:
         "dc2-test-med-1/step1/FrDF/run-attempt2"
     )
     assert output_collection("dc2-test-med-1", "FrDF") == "dc2-test-med-1/FrDF/output"
-    assert input_collections("dc2-test-med-1", "LSSTCam-imSim") == [
-        "LSSTCam-imSim/raw/all",
-        "LSSTCam-imSim/calib",
-        "skymaps",
-    ]
+    assert input_collections("dc2-test-med-1") == ["dc2-test-med-1/inputs"]
     assert payload_name("dc2-test-med-1", "step1", "FrDF") == "dc2-test-med-1-step1-FrDF"
 
 
@@ -304,9 +300,7 @@ def test_every_file_as_bps_reads_it(spec: CampaignSpec, tmp_path: Path) -> None:
         # payload values (BPS searches the payload section first).
         assert config["payloadName"] == f"dc2-test-med-1-{step}-{site}", where
         assert config["butlerConfig"] == REPOS[site], where
-        assert config["inCollection"] == ("LSSTCam-imSim/raw/all,LSSTCam-imSim/calib,skymaps"), (
-            where
-        )
+        assert config["inCollection"] == ("dc2-test-med-1/inputs"), where
         assert config["output"] == f"dc2-test-med-1/{site}/output", where
         assert config["outputRun"] == f"dc2-test-med-1/{step}/{site}/run", where
         base = "instrument='LSSTCam-imSim' AND skymap='DC2_cells_v1'"
