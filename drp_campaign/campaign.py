@@ -6,11 +6,14 @@ work, and the rules that make it safe to repeat, live here and are tested withou
 Stages and what makes each idempotent (the ledger, `drp_campaign.ledger`, records every one):
 
 ==========  ===============================================================================
-setup       a site's Butler repo (dimension records, skymap; raws and calibrations at the hub)
-            and its RSEs; reruns add nothing.
-distribute  raws (each site's visits) and calibrations from the hub to every site, ingested
-            on arrival by the Replica Monitor; rules are idempotent, ingestion skips what is
-            there.
+setup       adopts the site's repository (the one its DataFacility Block names): checks the
+            hub holds what the campaign reads; copies to the others the dimension records the
+            campaign needs and mirrors the hub's input collections; never writes raws or
+            calibrations; reruns add nothing.
+distribute  what the pipeline reads from the spec's input collections, from the hub to every
+            site: each site's raws, the calibrations (certified as at the hub) and the extra
+            inputs, ingested on arrival by the Replica Monitor; rules are idempotent,
+            ingestion skips what is there.
 stage       the inputs a step's graph needs that the site lacks: found by building the site's
             graph at the hub (which holds every published product), minus what the site has;
             moved as one dataset with one rule, ingested on arrival.
@@ -38,16 +41,13 @@ import pandas as pd
 
 from .backends.butler import (
     DEFAULT_FILE_SIZE,
-    certify_calibs,
-    collections_for,
     has_collection,
     open_repo,
-    populate_repo,
     prepare_graph_outputs,
-    site_repo_root,
 )
 from .backends.ingest import (
     ANCILLARY_SCOPE,
+    RAW_FILE,
     RAW_SCOPE,
     ReplicaMonitor,
     ensure_site_storage,
@@ -63,29 +63,41 @@ from .backends.interfaces import (
     rse_name,
 )
 from .backends.qgraph import EmptyGraphError, GraphRequest, build_request, site_selections
+from .backends.repos import (
+    CampaignInputs,
+    adopt_repo,
+    calib_associations,
+    certify_associations,
+    check_hub,
+    check_repo,
+    classify_inputs,
+    ensure_chain,
+    mirror_collections,
+    pipeline_inputs,
+    repo_root,
+)
 from .ledger import CAMPAIGN, Ledger, StageState
 from .model.bps import (
     SiteStepSubmit,
+    input_chain,
     output_collection,
     output_run,
     render_submit_yaml,
 )
+from .model.naming import data_facility_block
 from .model.spec import CampaignSpec
 
 __all__ = [
-    "TEMPORARY_DATASET_TYPES",
     "ArrivalTimeout",
     "CampaignRun",
     "SiteStepFailed",
     "campaign_output",
     "is_product",
+    "product_filter",
     "staged_collection",
 ]
 
 _LOG = logging.getLogger(__name__)
-
-# Temporaries never leave the site that made them (DESIGN.md section 5): the DRP's own names.
-TEMPORARY_DATASET_TYPES = frozenset({"postISRCCD", "directWarp", "psfMatchedWarp"})
 
 Progress = Callable[[str], None]
 StageRunner = Callable[[str, Callable[[], dict[str, Any]]], dict[str, Any]]
@@ -101,17 +113,35 @@ def staged_collection(campaign: str, site: str) -> str:
     return f"{campaign}/{site}/staged"
 
 
-def is_product(dataset_type: str) -> bool:
+def is_product(dataset_type: str, temporaries: Iterable[str] = ()) -> bool:
     """Whether a dataset type is published to the hub: not a temporary, not bookkeeping.
 
-    Init-outputs (``*_config``, ``packages``) exist once per run, so they differ between a
-    multi-site and a single-site run by design; logs and metadata stay with the run.
+    Temporaries (the spec's ``temporaries``) never leave the site that made them (DESIGN.md
+    section 5). Init-outputs (``*_config``, ``packages``) exist once per run, so they differ
+    between a multi-site and a single-site run by design; logs and metadata stay with the run.
+
+    Parameters
+    ----------
+    dataset_type : `str`
+        Dataset type name.
+    temporaries : iterable of `str`, optional
+        The spec's temporaries.
+
+    Returns
+    -------
+    product : `bool`
     """
     return not (
-        dataset_type in TEMPORARY_DATASET_TYPES
+        dataset_type in set(temporaries)
         or dataset_type == "packages"
         or dataset_type.endswith(("_config", "_log", "_metadata"))
     )
+
+
+def product_filter(spec: CampaignSpec) -> Callable[[str], bool]:
+    """`is_product` for a spec's temporaries, as a one-argument predicate."""
+    temporaries = frozenset(spec.temporaries)
+    return functools.partial(is_product, temporaries=temporaries)
 
 
 class SiteStepFailed(RuntimeError):
@@ -149,7 +179,11 @@ class CampaignRun:
     spec : `CampaignSpec`
         The campaign.
     workdir : `str` or `pathlib.Path`
-        Work directory: ``plan/``, ``repos/<site>/``, ``storage/``, ``submit/``, ``ledger.sqlite``.
+        Work directory: ``plan/``, ``storage/``, ``submit/``, ``ledger.sqlite``, never a
+        repository.
+    repos : mapping of `str` to `str`
+        Each site's Butler repository: its `DataFacility` Block's ``butler_repo`` (a
+        directory, a ``butler.yaml``, or any URI daf_butler opens).
     catalog : `DataCatalog`
         The data catalog (embedded or Rucio).
     workloads : mapping of `str` to `WorkloadService`
@@ -167,6 +201,9 @@ class CampaignRun:
         How long `wait_until_arrived` waits for files.
     progress : callable, optional
         ``progress(message)`` as stages start and end.
+    repo_sources : mapping of `str` to `str`, optional
+        Where each site's repository was named (its Block), for errors; by default the site's
+        `DataFacility` Block name.
     """
 
     def __init__(
@@ -174,6 +211,7 @@ class CampaignRun:
         spec: CampaignSpec,
         workdir: str | Path,
         *,
+        repos: Mapping[str, str],
         catalog: DataCatalog,
         workloads: Mapping[str, WorkloadService],
         client: Any,
@@ -182,8 +220,18 @@ class CampaignRun:
         poll_s: float = 0.2,
         arrival_timeout_s: float = 600.0,
         progress: Progress | None = None,
+        repo_sources: Mapping[str, str] | None = None,
     ) -> None:
+        missing = [s for s in spec.site_names if not repos.get(s)]
+        if missing:
+            raise ValueError(f"no Butler repository given for site(s) {', '.join(missing)}")
         self.spec = spec
+        self.repos = {s: str(repos[s]) for s in spec.site_names}
+        self.repo_sources = {
+            s: (repo_sources or {}).get(s) or f"Block {data_facility_block(spec.campaign, s)}"
+            for s in spec.site_names
+        }
+        self.is_product = product_filter(spec)
         self.workdir = Path(workdir).absolute()
         self.catalog = catalog
         self.workloads = dict(workloads)
@@ -200,6 +248,8 @@ class CampaignRun:
         self._chain_lock = threading.Lock()
         self._monitor_locks: dict[str, threading.Lock] = {s: threading.Lock() for s in spec.sites}
         self._monitors: dict[str, ReplicaMonitor] = {}
+        self._inputs: CampaignInputs | None = None
+        self._inputs_lock = threading.Lock()
 
     # ---------------------------------------------------------------------------- helpers
     @property
@@ -208,8 +258,32 @@ class CampaignRun:
         return self.spec.hub
 
     def repo(self, site: str) -> Path:
-        """A site's repository root."""
-        return site_repo_root(self.workdir, site)
+        """A site's repository root directory (its datastore's files, and the graphs)."""
+        return repo_root(self.repos[site])
+
+    def repo_uri(self, site: str) -> str:
+        """A site's repository as its Block names it: what Butlers and BPS open."""
+        return self.repos[site]
+
+    def butler(self, site: str, writeable: bool = True) -> Any:
+        """A new Butler on a site's repository."""
+        return open_repo(self.repos[site], writeable=writeable)
+
+    def repo_label(self, site: str) -> str:
+        """A site's repository for errors: site, URI and the Block that names it."""
+        return f"the repository of {site} ({self.repos[site]}, from {self.repo_sources[site]})"
+
+    def check_repositories(self) -> None:
+        """Open every site's repository, or raise naming the site, the URI and the Block.
+
+        Runs before anything moves or is submitted (`run_all`, the campaign flow, setup).
+        """
+        for site in self.spec.site_names:
+            check_repo(site, self.repos[site], self.repo_sources[site])
+
+    def input_chain(self) -> str:
+        """The campaign's CHAINED input collection at every site: the spec's input collections."""
+        return input_chain(self.spec.campaign)
 
     def visits(self) -> pd.DataFrame:
         """The plan's visits (with their ``site``)."""
@@ -232,6 +306,7 @@ class CampaignRun:
                 self.repo(site),
                 [rse_name(site, "raw"), rse_name(site, "butler")],
                 self.workdir / "monitor" / f"{site}.sqlite",
+                butler_uri=self.repo_uri(site),
             )
         return self._monitors[site]
 
@@ -330,6 +405,7 @@ class CampaignRun:
         results : `dict`
             Step -> site -> `SiteStepResult`.
         """
+        self.check_repositories()
         self.plan()
         for site in self.spec.site_names:
             self.setup_site(site)
@@ -337,56 +413,134 @@ class CampaignRun:
         todo = self.spec.step_names if steps is None else list(steps)
         return {step: self.run_step(step) for step in todo}
 
+    def campaign_inputs(self) -> CampaignInputs:
+        """The pipeline's overall inputs, found in the hub's input collections (cached).
+
+        Which dataset types are raws, calibrations or other inputs is read from the pipeline
+        and the hub, never named in code (DESIGN.md section 10).
+        """
+        with self._inputs_lock:
+            if self._inputs is None:
+                names = pipeline_inputs(self.pipeline_uri, [s.subset for s in self.spec.steps])
+                with self.butler(self.hub, writeable=False) as hub:
+                    self._inputs = classify_inputs(hub, self.spec.input_collections, names)
+            return self._inputs
+
+    @property
+    def pipeline_uri(self) -> str:
+        """The pipeline YAML of the campaign."""
+        return str(self.spec.pipeline.yaml_path or self.spec.pipeline.yaml)
+
     def setup_site(self, site: str) -> dict[str, Any]:
-        """Create a site's repository and RSEs (stage ``setup``)."""
+        """Adopt a site's repository and declare its RSEs (stage ``setup``).
+
+        At the hub: check that it holds the instrument, the plan's visits, the skymap and the
+        tracts they touch, and the spec's input collections. Elsewhere: copy from the hub the
+        dimension records the campaign needs, mirror the hub's input collections (empty) and
+        register the input dataset types. Everywhere: the campaign's input chain. Never writes
+        raws or calibrations; a rerun changes nothing.
+
+        Raises
+        ------
+        drp_campaign.backends.repos.RepoError
+            Naming the repository, what is wrong and the fix.
+        """
 
         def work() -> dict[str, Any]:
-            repo = populate_repo(
-                self.repo(site),
-                self.spec,
-                self.visits(),
-                self.tracts(),
-                with_raws=site == self.hub,
-                with_calibs=site == self.hub,
-                file_size=self.file_size,
-                site=site,
-            )
+            for name in {site, self.hub}:
+                check_repo(name, self.repos[name], self.repo_sources[name])
+            visits = [int(v) for v in self.visits().visit]
+            tracts = self.tracts()
+            inputs = self.spec.input_collections
+            figures: dict[str, Any] = {}
+            with self.butler(self.hub, writeable=site == self.hub) as hub:
+                check_hub(
+                    hub,
+                    instrument=self.spec.instrument,
+                    visits=visits,
+                    skymap=self.spec.skymap.name,
+                    tracts=tracts,
+                    inputs=inputs,
+                    label=self.repo_label(self.hub),
+                )
+                if site == self.hub:
+                    created = (
+                        [self.input_chain()]
+                        if ensure_chain(hub, self.input_chain(), inputs.all)
+                        else []
+                    )
+                else:
+                    kinds = self.campaign_inputs()
+                    with self.butler(site) as dst:
+                        figures["records"] = adopt_repo(
+                            dst,
+                            hub,
+                            instrument=self.spec.instrument,
+                            visits=visits,
+                            skymap=self.spec.skymap.name,
+                            tracts=tracts,
+                            label=self.repo_label(site),
+                        )
+                        created = mirror_collections(
+                            hub, dst, inputs.all, label=self.repo_label(site)
+                        )
+                        # Graphs built before an input arrives find its dataset type (an
+                        # empty graph, not an unknown type), and arrivals need no new types.
+                        for name in (*kinds.raws, *kinds.calibs, *kinds.extra):
+                            dst.registry.registerDatasetType(hub.get_dataset_type(name))
+                        if ensure_chain(dst, self.input_chain(), inputs.all):
+                            created.append(self.input_chain())
             rses = ensure_site_storage(
-                self.catalog, self.workdir, site, [RAW_SCOPE, ANCILLARY_SCOPE, self.scope]
+                self.catalog,
+                self.workdir,
+                site,
+                [RAW_SCOPE, ANCILLARY_SCOPE, self.scope],
+                repo_root=self.repo(site),
             )
-            return {"raws": repo.n_raws, **rses}
+            return {"collections_created": created, **figures, **rses}
 
         return self.run_stage(CAMPAIGN, site, "setup", work)
 
     def distribute_inputs(self) -> dict[str, Any]:
-        """Replicate calibrations to every site and each site's raws (stage ``distribute``).
+        """Replicate to every site what the pipeline reads from the hub (stage ``distribute``).
+
+        Each site's raws (its visits, from the spec's ``inputs.raws``), and to every site the
+        calibrations the pipeline reads (certified on arrival as at the hub: same collections,
+        same validity ranges) and its other inputs found in ``inputs.extra`` (the sky map...).
 
         Returns
         -------
         figures : `dict`
-            Files and bytes per site.
+            Files and bytes per site, and the dataset types of each kind.
         """
 
         def work() -> dict[str, Any]:
             hub_repo = self.repo(self.hub)
-            names = collections_for(self.spec.instrument)
+            inputs = self.spec.input_collections
+            kinds = self.campaign_inputs()
             visits = self.visits()
             hub_raw = rse_name(self.hub, "raw")
-            figures: dict[str, Any] = {}
+            figures: dict[str, Any] = {
+                "raw_types": list(kinds.raws),
+                "calib_types": list(kinds.calibs),
+                "extra_types": list(kinds.extra),
+            }
             rules: dict[str, list[str]] = {}
-            with open_repo(hub_repo, writeable=False) as butler:
-                calibs = [
+            with self.butler(self.hub, writeable=False) as butler:
+                associations = calib_associations(butler, inputs.calibs, kinds.calibs)
+                shared = list({ref.id: ref for ref, _, _ in associations}.values())
+                shared += [
                     ref
-                    for name in ("bias", "flat")
+                    for name in kinds.extra
                     for ref in butler.query_datasets(
-                        name, collections=f"{names.calib}/unbounded", explain=False, limit=None
+                        name, collections=list(inputs.extra), explain=False, limit=None
                     )
                 ]
                 calib_ds = DID(ANCILLARY_SCOPE, f"{self.spec.campaign}/calibs")
                 calib_files = register_datasets(
                     self.catalog,
                     butler,
-                    calibs,
+                    shared,
                     repo_root=hub_repo,
                     rse=hub_raw,
                     scope=ANCILLARY_SCOPE,
@@ -397,18 +551,19 @@ class CampaignRun:
                     if site == self.hub:
                         continue
                     site_visits = sorted(int(v) for v in visits.loc[visits.site == site].visit)
-                    raws = (
-                        butler.query_datasets(
-                            "raw",
-                            collections=names.raw_run,
-                            where="instrument = inst AND exposure IN (visits)",
+                    raws = [
+                        ref
+                        for name in kinds.raws
+                        if site_visits
+                        for ref in butler.query_datasets(
+                            name,
+                            collections=inputs.raws,
+                            where="instrument = inst AND visit IN (visits)",
                             bind={"inst": self.spec.instrument, "visits": site_visits},
                             explain=False,
                             limit=None,
                         )
-                        if site_visits
-                        else []
-                    )
+                    ]
                     raw_ds = DID(RAW_SCOPE, f"{self.spec.campaign}/raws/{site}")
                     raw_files = register_datasets(
                         self.catalog,
@@ -419,6 +574,7 @@ class CampaignRun:
                         scope=RAW_SCOPE,
                         dataset=raw_ds,
                         close=True,
+                        rubin_butler=RAW_FILE,
                     )
                     dst = rse_name(site, "raw")
                     rules[site] = [
@@ -435,8 +591,8 @@ class CampaignRun:
                     }
             for site, site_rules in rules.items():
                 self.wait_until_arrived(site, site_rules)
-                with open_repo(self.repo(site)) as butler:
-                    certify_calibs(butler, self.spec.instrument)
+                with self.butler(site) as butler:
+                    certify_associations(butler, associations)
             return figures
 
         return self.run_stage(CAMPAIGN, CAMPAIGN, "distribute", work)
@@ -514,9 +670,9 @@ class CampaignRun:
         """Inputs of a site's next graph: its output chain (or the defaults) and staged runs."""
         own = output_collection(self.spec.campaign, site)
         staged = staged_collection(self.spec.campaign, site)
-        with open_repo(self.repo(site), writeable=False) as butler:
+        with self.butler(site, writeable=False) as butler:
             present = set(butler.collections.query(f"{self.spec.campaign}/{site}/*"))
-        inputs = [own if own in present else collections_for(self.spec.instrument).defaults]
+        inputs = [own if own in present else self.input_chain()]
         if staged in present:
             inputs.append(staged)
         return inputs
@@ -533,7 +689,7 @@ class CampaignRun:
         runs = sorted(set(runs))
         if not runs:
             return
-        with self._chain_lock, open_repo(self.repo(site)) as butler:
+        with self._chain_lock, self.butler(site) as butler:
             butler.collections.register(chain, CollectionType.CHAINED)
             children = set(butler.collections.get_info(chain).children)
             new = [r for r in runs if r not in children]
@@ -572,7 +728,7 @@ class CampaignRun:
         self,
         step: str,
         site: str,
-        repo: Path,
+        repo: str,
         inputs: Sequence[str],
         out: Path,
         *,
@@ -581,8 +737,8 @@ class CampaignRun:
     ) -> GraphRequest:
         s = self.spec.step(step)
         return GraphRequest(
-            repo_root=str(repo),
-            pipeline_yaml=str(self.spec.pipeline.yaml_path or self.spec.pipeline.yaml),
+            repo_root=repo,
+            pipeline_yaml=self.pipeline_uri,
             subset=s.subset,
             where=self._where(step, site),
             input_collections=tuple(inputs),
@@ -619,8 +775,8 @@ class CampaignRun:
         zipfix.apply()
         probe_file = self.workdir / "graphs" / "probe" / step / f"{site}.qg"
         # Everything published (if anything yet) and the campaign's inputs.
-        hub_inputs = [collections_for(self.spec.instrument).defaults]
-        with open_repo(self.repo(self.hub), writeable=False) as hub:
+        hub_inputs = [self.input_chain()]
+        with self.butler(self.hub, writeable=False) as hub:
             if campaign_output(self.spec.campaign) in hub.collections.query("*"):
                 hub_inputs.insert(0, campaign_output(self.spec.campaign))
         try:
@@ -628,7 +784,7 @@ class CampaignRun:
                 self._request(
                     step,
                     site,
-                    self.repo(self.hub),
+                    self.repo_uri(self.hub),
                     hub_inputs,
                     probe_file,
                     run=f"{self.spec.campaign}/probe/{step}/{site}",
@@ -642,12 +798,12 @@ class CampaignRun:
         graph = PredictedQuantumGraph.read_execution_quanta(str(probe_file))
         needed = {ref.id: ref for ref in _overall_inputs(graph)}
         site_inputs = self._input_collections(site)
-        with open_repo(self.repo(site), writeable=False) as butler:
+        with self.butler(site, writeable=False) as butler:
             have = {i for i, ref in needed.items() if _site_has(butler, ref, site_inputs)}
         missing = [ref for i, ref in needed.items() if i not in have]
         if not missing:
             return {"files": 0, "bytes": 0, "runs": []}
-        with open_repo(self.repo(self.hub), writeable=False) as hub:
+        with self.butler(self.hub, writeable=False) as hub:
             missing_expanded = [hub.get_dataset(ref.id) for ref in missing]
             dids = []
             for ref in missing_expanded:
@@ -680,8 +836,8 @@ class CampaignRun:
             site=site,
             compute_site=site_spec.compute_site,
             cloud=site_spec.cloud,
-            pipeline_yaml=str(self.spec.pipeline.yaml_path or self.spec.pipeline.yaml),
-            butler_config=str(self.repo(site)),
+            pipeline_yaml=self.pipeline_uri,
+            butler_config=self.repo_uri(site),
             data_query=self._where(step, site),
             input_collections=self._input_collections(site),
             output_run=self.site_output_run(step, site),
@@ -824,7 +980,7 @@ class CampaignRun:
                 self._request(
                     step,
                     site,
-                    self.repo(site),
+                    self.repo_uri(site),
                     inputs,
                     self.graph_file(step, site),
                     run=self.site_output_run(step, site),
@@ -869,7 +1025,7 @@ class CampaignRun:
             # that is still RUNNING is polled below, never submitted twice. The output run and
             # chain are created here, atomically, so that the final job's own (non-atomic)
             # registrations find them whole even if a kill interrupts that job.
-            with open_repo(self.repo(site)) as butler:
+            with self.butler(site) as butler:
                 prepare_graph_outputs(butler, built["graph"])
             run_id = service.submit(Path(bps["file"]), Path(built["graph"]))
             self.ledger.set_name(step, site, "run_id", run_id)
@@ -918,12 +1074,12 @@ class CampaignRun:
             ``files`` and ``bytes`` registered, the ``rule`` id (none at the hub).
         """
         run = self.site_output_run(step, site)
-        with open_repo(self.repo(site), writeable=False) as butler:
+        with self.butler(site, writeable=False) as butler:
             refs = (
                 [
                     ref
                     for dt in butler.registry.queryDatasetTypes()
-                    if is_product(dt.name)
+                    if self.is_product(dt.name)
                     for ref in butler.query_datasets(dt, collections=run, explain=False, limit=None)
                 ]
                 if has_collection(butler, run)

@@ -145,6 +145,58 @@ def validate(spec: Annotated[Path, typer.Argument(help="Campaign spec YAML.")]) 
     )
 
 
+@app.command()
+def seed(
+    spec: Annotated[Path, typer.Argument(help="Campaign spec YAML (a preset or CSV survey).")],
+    repo: Annotated[
+        Path | None, typer.Option("--repo", help="The hub repository to seed (created).")
+    ] = None,
+    workdir: Annotated[
+        Path | None,
+        typer.Option(
+            "--workdir",
+            help="Seed the embedded default instead: the hub at <workdir>/repos/<hub> and an "
+            "empty Butler at <workdir>/repos/<site> for every other site.",
+        ),
+    ] = None,
+    file_size: Annotated[
+        int, typer.Option("--file-size", min=0, help="Bytes of each mock file (0: the default).")
+    ] = 0,
+    registry_db: Annotated[
+        str | None,
+        typer.Option("--registry-db", help="PostgreSQL URL for the registries (SQLite if not)."),
+    ] = None,
+) -> None:
+    """Play the observatory: write the spec's visits, raws, calibrations and skymap into a hub.
+
+    Not part of a campaign: a real hub holds these already. The campaign then runs against the
+    seeded repositories exactly as against an operator's.
+    """
+    from .backends.butler import DEFAULT_FILE_SIZE
+    from .seed import seed_embedded, seed_hub
+
+    campaign = _load(spec)
+    if (repo is None) == (workdir is None):
+        err_console.print("[bold red]error:[/] give exactly one of --repo DIR or --workdir DIR")
+        raise typer.Exit(EXIT_USAGE)
+    size = file_size or DEFAULT_FILE_SIZE
+    t0 = time.perf_counter()
+    if repo is not None:
+        result = seed_hub(campaign, repo.absolute(), file_size=size, registry_db=registry_db)
+    else:
+        assert workdir is not None
+        result = seed_embedded(campaign, workdir, file_size=size, registry_db=registry_db)
+    console.print(
+        f"seeded {result.hub}: {result.visits} visits, {result.raws} new raws, "
+        f"{result.tracts} tracts of {campaign.skymap.name} ({time.perf_counter() - t0:.1f} s)"
+        + (
+            "; empty site repositories: " + ", ".join(f"{s} {p}" for s, p in result.sites.items())
+            if result.sites
+            else ""
+        )
+    )
+
+
 def _need_server() -> None:
     import os
 
@@ -186,15 +238,23 @@ def run(
                 f"[bold red]error:[/] unknown step(s) {unknown}; {spec} has {campaign.step_names}"
             )
             raise typer.Exit(EXIT_USAGE)
-    if prefect:
-        _need_server()
-        from flows.campaign import drp_campaign_flow
+    from .backends.repos import RepoError
 
-        result = drp_campaign_flow(
-            str(spec.absolute()), str(workdir.absolute()), steps, None, verify
-        )
-    else:
-        result = _run_plain(campaign, workdir, steps, verify)
+    try:
+        if prefect:
+            _need_server()
+            from flows.campaign import drp_campaign_flow
+
+            result = drp_campaign_flow(
+                str(spec.absolute()), str(workdir.absolute()), steps, None, verify
+            )
+        else:
+            result = _run_plain(campaign, workdir, steps, verify)
+    except RepoError as exc:
+        # A repository the Blocks name that is missing or lacks what the campaign reads: the
+        # message names the repository, what is wrong and the fix.
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(EXIT_USAGE) from None
     console.print(f"report: {result['report']}")
     if not result["passed"]:
         err_console.print("[bold red]the milestone report has failures[/] (see the report)")

@@ -32,7 +32,13 @@ from .model.overlaps import compute_overlaps
 from .model.sky import sky_map
 from .model.spec import CampaignSpec
 
-__all__ = ["ReferenceResult", "StepResult", "reference_collection", "run_single_site"]
+__all__ = [
+    "ReferenceResult",
+    "StepResult",
+    "copy_hub_inputs",
+    "reference_collection",
+    "run_single_site",
+]
 
 StepProgress = Callable[[str, str], None]
 
@@ -104,6 +110,7 @@ def run_single_site(
     registry_db: str | None = None,
     progress: StepProgress | None = None,
     quantum_progress: Callable[[int, int, QuantumOutcome], None] | None = None,
+    hub: str | None = None,
 ) -> ReferenceResult:
     """Run every step of ``spec`` on all ``visits`` in one repository.
 
@@ -125,6 +132,10 @@ def run_single_site(
         ``progress(step, stage)`` as each stage starts.
     quantum_progress : callable, optional
         Passed to :func:`~drp_campaign.backends.local.workload.execute_graph`.
+    hub : `str`, optional
+        A campaign's hub repository: the reference's inputs are copied from it (the same
+        datasets, by UUID, that the campaign distributes: `copy_hub_inputs`). Without it,
+        the repository is seeded with the mock inputs (a standalone yardstick).
 
     Returns
     -------
@@ -139,18 +150,21 @@ def run_single_site(
     root = Path(root)
     pipeline = str(spec.pipeline.yaml_path or spec.pipeline.yaml)
     output = reference_collection(spec.campaign)
-    populate_repo(
-        root,
-        spec,
-        visits,
-        _tracts_of(spec, visits),
-        with_raws=True,
-        file_size=file_size,
-        registry_db=registry_db,
-        site="reference",
-    )
+    if hub is None:
+        populate_repo(
+            root,
+            spec,
+            visits,
+            _tracts_of(spec, visits),
+            with_raws=True,
+            file_size=file_size,
+            registry_db=registry_db,
+            site="reference",
+        )
+        defaults = collections_for(spec.instrument).defaults
+    else:
+        defaults = copy_hub_inputs(spec, hub, root, visits, registry_db=registry_db)
     result = ReferenceResult(repo=root, output=output, setup_s=time.perf_counter() - t0)
-    defaults = collections_for(spec.instrument).defaults
     where = step_query(spec.instrument, spec.skymap.name)
     for step in spec.steps:
         run = f"{output}/{step.name}"
@@ -201,3 +215,98 @@ def run_single_site(
         )
     result.wall_s = time.perf_counter() - t0
     return result
+
+
+def copy_hub_inputs(
+    spec: CampaignSpec,
+    hub: str,
+    root: str | Path,
+    visits: pd.DataFrame,
+    *,
+    registry_db: str | None = None,
+) -> str:
+    """Make a repository holding every input of the campaign, copied from its hub (idempotent).
+
+    The same adoption as a site's setup (dimension records, the input collections mirrored,
+    the campaign's input chain) and then, in one ``transfer_from``, every raw of ``visits``,
+    every calibration the pipeline reads (certified as at the hub) and every extra input.
+
+    Parameters
+    ----------
+    spec : `CampaignSpec`
+        The campaign.
+    hub : `str`
+        The hub's repository.
+    root : `str` or `pathlib.Path`
+        The new repository (created if missing).
+    visits : `pandas.DataFrame`
+        The campaign's visits.
+    registry_db : `str`, optional
+        PostgreSQL URL; SQLite if `None`.
+
+    Returns
+    -------
+    inputs : `str`
+        The input chain to build the first step's graph from.
+    """
+    from .backends.butler import create_repo
+    from .backends.repos import (
+        adopt_repo,
+        calib_associations,
+        certify_associations,
+        classify_inputs,
+        ensure_chain,
+        mirror_collections,
+        pipeline_inputs,
+    )
+    from .model.bps import input_chain
+
+    inputs = spec.input_collections
+    ids = [int(v) for v in visits["visit"]]
+    label = f"the reference repository {root}"
+    with (
+        open_repo(hub, writeable=False) as source,
+        create_repo(root, registry_db=registry_db) as dst,
+    ):
+        kinds = classify_inputs(
+            source,
+            inputs,
+            pipeline_inputs(
+                str(spec.pipeline.yaml_path or spec.pipeline.yaml), [s.subset for s in spec.steps]
+            ),
+        )
+        adopt_repo(
+            dst,
+            source,
+            instrument=spec.instrument,
+            visits=ids,
+            skymap=spec.skymap.name,
+            tracts=_tracts_of(spec, visits),
+            label=label,
+        )
+        mirror_collections(source, dst, inputs.all, label=label)
+        associations = calib_associations(source, inputs.calibs, kinds.calibs)
+        refs = list({ref.id: ref for ref, _, _ in associations}.values())
+        refs += [
+            ref
+            for name in kinds.extra
+            for ref in source.query_datasets(
+                name, collections=list(inputs.extra), explain=False, limit=None
+            )
+        ]
+        refs += [
+            ref
+            for name in kinds.raws
+            for ref in source.query_datasets(
+                name,
+                collections=inputs.raws,
+                where="instrument = inst AND visit IN (visits)",
+                bind={"inst": spec.instrument, "visits": ids},
+                explain=False,
+                limit=None,
+            )
+        ]
+        dst.transfer_from(source, refs, transfer="copy", register_dataset_types=True)
+        certify_associations(dst, associations)
+        ensure_chain(dst, input_chain(spec.campaign), inputs.all)
+    return input_chain(spec.campaign)

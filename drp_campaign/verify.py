@@ -195,7 +195,7 @@ def reference_and_compare(run: Any) -> Verification:
     verification : `Verification`
         The hub's ``<campaign>/output`` against the reference's ``<campaign>/reference``.
     """
-    from .campaign import campaign_output, is_product
+    from .campaign import campaign_output
     from .driver import reference_collection, run_single_site
     from .ledger import CAMPAIGN
 
@@ -203,16 +203,16 @@ def reference_and_compare(run: Any) -> Verification:
 
     def work() -> dict[str, Any]:
         result = run_single_site(
-            run.spec, ref_root, run.visits(), run.client, file_size=run.file_size
+            run.spec, ref_root, run.visits(), run.client, hub=run.repo_uri(run.hub)
         )
         return {"n_quanta": result.n_quanta, "wall_s": result.wall_s}
 
     run.run_stage(CAMPAIGN, CAMPAIGN, "reference", work)
     return compare_runs(
-        run.repo(run.hub),
+        run.repo_uri(run.hub),
         campaign_output(run.spec.campaign),
         ref_root,
         reference_collection(run.spec.campaign),
-        is_product,
+        run.is_product,
         run_prefix=f"{run.spec.campaign}/",
     )

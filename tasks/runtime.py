@@ -100,10 +100,19 @@ def campaign_run(
             for site, f in facilities.items()
             if f is not None and getattr(f, "workload_backend", "local") == "panda"
         }
+        from drp_campaign.model.naming import data_facility_block
+
         run = make_campaign_run(
             spec,
             wd,
             dask_client(dask_address),
+            # Where each site's repository is: its Block, nothing else (DESIGN.md section 10).
+            repos={s: f.butler_repo for s, f in facilities.items() if f is not None},
+            repo_sources={
+                s: f"Block {data_facility_block(spec.campaign, s)}"
+                for s, f in facilities.items()
+                if f is not None
+            },
             rucio=rucio,
             panda={site: c.panda_settings(site) for site, c in on_panda.items()},
             panda_retry={site: c.retry_policy() for site, c in on_panda.items()},

@@ -91,6 +91,7 @@ def make_campaign_run(
     rucio: Mapping[str, Any] | None = None,
     panda: Mapping[str, Mapping[str, Any] | None] | None = None,
     panda_retry: Mapping[str, Mapping[str, Any]] | None = None,
+    repos: Mapping[str, str | None] | None = None,
     **kwargs: Any,
 ) -> Any:
     """Assemble a `drp_campaign.campaign.CampaignRun` with the chosen backends.
@@ -109,6 +110,10 @@ def make_campaign_run(
         Site -> PanDA settings, for the sites that use PanDA.
     panda_retry : mapping, optional
         Site -> ``retries`` and ``backoff_s`` of its PanDA calls.
+    repos : mapping, optional
+        Site -> Butler repository (its Block's ``butler_repo``); a site without one uses the
+        embedded default's ``<workdir>/repos/<site>`` (what `blocks.embedded_data_facility`
+        names), and the run's errors say so.
     **kwargs
         Passed to `CampaignRun` (poll intervals, progress...).
 
@@ -127,6 +132,23 @@ def make_campaign_run(
         )
         for site in spec.site_names
     }
+    from ..seed import embedded_repos
+
+    defaults = embedded_repos(spec, workdir)
+    given = {s: r for s, r in (repos or {}).items() if r}
+    sources = {
+        s: "the embedded default (no DataFacility Block for this site)"
+        for s in spec.site_names
+        if s not in given
+    }
     return CampaignRun(
-        spec, workdir, catalog=catalog, workloads=workloads, client=client, pump=pump, **kwargs
+        spec,
+        workdir,
+        repos={s: str(given.get(s) or defaults[s]) for s in spec.site_names},
+        repo_sources={**sources, **dict(kwargs.pop("repo_sources", None) or {})},
+        catalog=catalog,
+        workloads=workloads,
+        client=client,
+        pump=pump,
+        **kwargs,
     )

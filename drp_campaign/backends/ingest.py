@@ -2,8 +2,9 @@
 
 Storage layout
 --------------
-Each site's Butler repository is ``<workdir>/repos/<site>/``. Its RSEs (``{SITE}_RAW_DISK`` for raws
-and ancillary inputs, ``{SITE}_BUTLER_DISK`` for products) have their storage roots under
+Each site's Butler repository is where its `DataFacility` Block says. Its RSEs
+(``{SITE}_RAW_DISK`` for raws and ancillary inputs, ``{SITE}_BUTLER_DISK`` for products) have
+their storage roots under
 ``<workdir>/storage/<RSE>/``, and ``<root>/<scope>`` is a symlink to the repository root. A file's
 DID is ``<scope>:<path relative to the repository root>``, the same at every site, so the PFN
 ``<root>/<scope>/<name>`` of any replica lands inside that site's repository at the path its
@@ -27,7 +28,7 @@ loop a flow uses to wait for a set of DIDs to be usable at a site.
 A sidecar carries the records of its data ID's own elements (``visit``, ``detector``,
 ``visit_detector_region``...), not those that merely refer to them (``visit_definition``,
 ``visit_system_membership``): graph building at the destination needs those too, which is why
-every site gets the whole campaign's dimension records up front (`.butler.populate_repo`).
+every site gets the whole campaign's dimension records up front (`.repos.adopt_repo`).
 """
 
 from __future__ import annotations
@@ -215,11 +216,16 @@ def storage_root(workdir: str | Path, rse: str) -> Path:
 
 
 def ensure_site_storage(
-    catalog: DataCatalog, workdir: str | Path, site: str, scopes: Iterable[str]
+    catalog: DataCatalog,
+    workdir: str | Path,
+    site: str,
+    scopes: Iterable[str],
+    *,
+    repo_root: str | Path,
 ) -> dict[str, str]:
     """Declare a site's RSEs and link every scope to the site's repository (idempotent).
 
-    Both RSEs get a ``<root>/<scope>`` symlink to ``<workdir>/repos/<site>`` for the ``raw``
+    Both RSEs get a ``<root>/<scope>`` symlink to the site's repository root for the ``raw``
     and ``ancillary`` scopes and every scope given, so a replica of any DID lands in the
     repository whichever of the two RSEs a rule chose.
 
@@ -228,11 +234,13 @@ def ensure_site_storage(
     catalog : `DataCatalog`
         The data catalog.
     workdir : `str` or `pathlib.Path`
-        Campaign work directory (holds ``repos/`` and ``storage/``).
+        Campaign work directory (holds the embedded RSEs' ``storage/``).
     site : `str`
         Site name (``USDF``, ``FrDF``...).
     scopes : iterable of `str`
         Product scopes (the campaign name); also declared in the catalog.
+    repo_root : `str` or `pathlib.Path`
+        The site's repository root (from its `DataFacility` Block), which must exist.
 
     Returns
     -------
@@ -245,8 +253,9 @@ def ensure_site_storage(
         If a scope path exists and is not a symlink to the site's repository (it would put
         replicas outside the repository, or hide files already there).
     """
-    repo = (Path(workdir) / "repos" / site).absolute()
-    repo.mkdir(parents=True, exist_ok=True)
+    repo = Path(repo_root).absolute()
+    if not repo.is_dir():
+        raise FileNotFoundError(f"the repository of site {site} is not a directory: {repo}")
     all_scopes = list(dict.fromkeys([RAW_SCOPE, ANCILLARY_SCOPE, *scopes]))
     rses = {"raw": rse_name(site, "raw"), "butler": rse_name(site, "butler")}
     for rse in rses.values():
@@ -504,6 +513,8 @@ class ReplicaMonitor:
         Events verified and ingested per Butler transaction.
     verify_threads : `int`, optional
         Files checksummed in parallel.
+    butler_uri : `str`, optional
+        What to open the repository with (its Block's ``butler_repo``), if not ``repo_root``.
 
     Notes
     -----
@@ -525,6 +536,7 @@ class ReplicaMonitor:
         *,
         batch_size: int = 500,
         verify_threads: int = _CHECKSUM_THREADS,
+        butler_uri: str | None = None,
     ) -> None:
         if not rses:
             raise ValueError("a ReplicaMonitor needs at least one RSE")
@@ -532,6 +544,7 @@ class ReplicaMonitor:
             raise ValueError(f"batch_size must be >= 1, not {batch_size}")
         self.catalog = catalog
         self.repo_root = Path(repo_root)
+        self.butler_uri = butler_uri or str(self.repo_root)
         self.rses = tuple(dict.fromkeys(rses))
         self.state_path = Path(state_path)
         self.batch_size = batch_size
@@ -671,7 +684,7 @@ class ReplicaMonitor:
                 # caches go stale when another process (another monitor) writes.
                 nonlocal butler
                 if butler is None:
-                    butler = stack.enter_context(open_repo(self.repo_root, writeable=True))
+                    butler = stack.enter_context(open_repo(self.butler_uri, writeable=True))
                 return butler
 
             for rse in self.rses:

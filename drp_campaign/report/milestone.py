@@ -14,10 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..backends.butler import collections_for, has_collection, open_repo
+from ..backends.butler import has_collection
 from ..backends.interfaces import DID, ReplicaState, file_adler32, rse_name
 from ..ledger import CAMPAIGN, StageState
-from ..model.focalplane import focal_plane
 from ..model.transfers import NOMINAL_BYTES
 
 __all__ = ["DR1_VISITS_PER_DAY", "MilestoneResult", "TestResult", "write_milestone"]
@@ -59,30 +58,36 @@ class MilestoneResult:
 
 def _raw_distribution(run: Any) -> TestResult:
     visits = run.visits()
-    n_det = len(focal_plane(run.spec.instrument).detectors)
-    names = collections_for(run.spec.instrument)
+    raws = run.spec.input_collections.raws
+    raw_types = run.campaign_inputs().raws
     per_site: dict[str, Any] = {}
-    ok = True
-    for site in run.spec.site_names:
-        site_visits = (
-            visits.visit.tolist()
-            if site == run.hub
-            else visits.loc[visits.site == site].visit.tolist()
-        )
-        expected = len(site_visits) * n_det
-        with open_repo(run.repo(site), writeable=False) as butler:
-            refs = (
-                butler.query_datasets(
-                    "raw",
-                    collections=names.raw_run,
-                    where="instrument = inst AND exposure IN (v)",
-                    bind={"inst": run.spec.instrument, "v": [int(v) for v in site_visits]},
-                    explain=False,
-                    limit=None,
-                )
-                if site_visits
-                else []
+    ok = bool(raw_types)
+
+    def query(butler: Any, site_visits: list[int]) -> list[Any]:
+        return [
+            ref
+            for name in raw_types
+            if site_visits
+            for ref in butler.query_datasets(
+                name,
+                collections=raws,
+                where="instrument = inst AND visit IN (v)",
+                bind={"inst": run.spec.instrument, "v": site_visits},
+                explain=False,
+                limit=None,
             )
+        ]
+
+    for site in run.spec.site_names:
+        site_visits = [
+            int(v)
+            for v in (visits.visit if site == run.hub else visits.loc[visits.site == site].visit)
+        ]
+        # What the site should hold is what the hub holds for its visits.
+        with run.butler(run.hub, writeable=False) as hub:
+            expected = len(query(hub, site_visits))
+        with run.butler(site, writeable=False) as butler:
+            refs = query(butler, site_visits)
             on_disk = sum(1 for r in refs if Path(butler.getURI(r).ospath).exists())
         per_site[site] = {"expected": expected, "ingested": len(refs), "on_disk": on_disk}
         ok &= expected == len(refs) == on_disk
@@ -127,15 +132,13 @@ def _graph_distribution(run: Any) -> TestResult:
 
 
 def _products(run: Any, site: str, run_name: str) -> set[Any]:
-    from ..campaign import is_product
-
-    with open_repo(run.repo(site), writeable=False) as butler:
+    with run.butler(site, writeable=False) as butler:
         if not has_collection(butler, run_name):
             return set()
         return {
             ref.id
             for dt in butler.registry.queryDatasetTypes()
-            if is_product(dt.name)
+            if run.is_product(dt.name)
             for ref in butler.query_datasets(dt, collections=run_name, explain=False, limit=None)
         }
 
@@ -252,6 +255,7 @@ def _bytes(run: Any) -> tuple[dict[str, Any], dict[tuple[str, str], int]]:
     planned_pvis = pd.read_parquet(run.plan_dir / "transfers.parquet")
     matrix: dict[tuple[str, str], int] = {}
     moved_pvis: set[tuple[int, int, str]] = set()
+    pvi_type = run.spec.pvi  # the pipeline's PVI dataset type, as the spec names it
     for step in run.spec.step_names:
         for site in run.sites_of(step):
             stage = run.ledger.get(step, site, "stage")
@@ -263,7 +267,7 @@ def _bytes(run: Any) -> tuple[dict[str, Any], dict[tuple[str, str], int]]:
                 parts = f.name.split("/")
                 src = parts[2] if len(parts) > 3 and parts[0] == run.spec.campaign else run.hub
                 matrix[(src, site)] = matrix.get((src, site), 0) + f.bytes
-                if "/pvi/" in f"/{f.name}/" or parts[4:5] == ["pvi"]:
+                if pvi_type and (f"/{pvi_type}/" in f"/{f.name}/" or parts[4:5] == [pvi_type]):
                     moved_pvis.add((*_visit_detector(run, f.name), site))
     for site in run.spec.site_names:
         publish_total = 0
@@ -305,11 +309,13 @@ def _hub_pvis(run: Any) -> set[tuple[int, int]]:
     """(visit, detector) of every PVI in the hub's published products."""
     from ..campaign import campaign_output
 
-    with open_repo(run.repo(run.hub), writeable=False) as butler:
+    if run.spec.pvi is None:
+        return set()
+    with run.butler(run.hub, writeable=False) as butler:
         if campaign_output(run.spec.campaign) not in butler.collections.query("*"):
             return set()
         refs = butler.query_datasets(
-            "pvi",
+            run.spec.pvi,
             collections=campaign_output(run.spec.campaign),
             instrument=run.spec.instrument,
             explain=False,

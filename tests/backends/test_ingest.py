@@ -111,7 +111,10 @@ class Env:
 def env(template: Path, tmp_path: Path) -> Iterator[Env]:
     shutil.copytree(template / "repos", tmp_path / "repos", symlinks=True)
     catalog = EmbeddedCatalog(tmp_path / "catalog", max_attempts=1)
-    rses = {s: ensure_site_storage(catalog, tmp_path, s, [CAMPAIGN]) for s in ("USDF", "FrDF")}
+    rses = {
+        s: ensure_site_storage(catalog, tmp_path, s, [CAMPAIGN], repo_root=tmp_path / "repos" / s)
+        for s in ("USDF", "FrDF")
+    }
     yield Env(tmp_path, catalog, rses)
     catalog.close_connection()
 
@@ -141,16 +144,21 @@ def test_site_storage_links_every_scope_to_the_repo(env: Env) -> None:
             assert (root / scope).is_symlink()
             assert (root / scope).resolve() == env.repo("FrDF").resolve()
     # Idempotent.
-    assert ensure_site_storage(env.catalog, env.workdir, "FrDF", [CAMPAIGN]) == env.rses["FrDF"]
+    assert (
+        ensure_site_storage(
+            env.catalog, env.workdir, "FrDF", [CAMPAIGN], repo_root=env.repo("FrDF")
+        )
+        == env.rses["FrDF"]
+    )
     # A scope path that is not the link to the repository is refused, and named.
     stray = env.catalog.rse_root("FRDF_BUTLER_DISK") / "other"
     stray.mkdir()
     with pytest.raises(FileExistsError, match="other"):
-        ensure_site_storage(env.catalog, env.workdir, "FrDF", ["other"])
+        ensure_site_storage(env.catalog, env.workdir, "FrDF", ["other"], repo_root=env.repo("FrDF"))
     stray.rmdir()
     stray.symlink_to(env.repo("USDF"))
     with pytest.raises(FileExistsError, match="not to the site repository"):
-        ensure_site_storage(env.catalog, env.workdir, "FrDF", ["other"])
+        ensure_site_storage(env.catalog, env.workdir, "FrDF", ["other"], repo_root=env.repo("FrDF"))
 
 
 def test_register_datasets_is_lsst_rucio_register(env: Env) -> None:
