@@ -38,6 +38,7 @@ from .skyconfig import (
     SkymapLike,
     builder_defaults,
     cell_layout,
+    resolve_config,
     resolve_skymap,
 )
 
@@ -1119,22 +1120,15 @@ def sky_map(
     -------
     sky : `RingsSkyMap`
     """
-    if builder not in ("cells", "legacy"):
-        raise ValueError(f"unknown tract builder {builder!r}: use 'cells' or 'legacy'")
-    d = builder_defaults(builder)
-
-    def pick(value: float | int | None, key: str) -> float | int:
-        return d[key] if value is None else value
-
     return _shared(
-        SkyMapConfig(
-            num_rings=int(num_rings),
-            builder="cells" if builder == "cells" else "legacy",
-            pixel_scale_arcsec=float(pick(pixel_scale_arcsec, "pixel_scale")),
-            tract_overlap_deg=float(pick(tract_overlap_deg, "tract_overlap")),
-            ra_start_deg=float(pick(ra_start_deg, "ra_start")),
-            patch_inner=int(pick(patch_inner, "patch_inner")),
-            patch_border=int(pick(patch_border, "patch_border")),
+        resolve_config(
+            num_rings,
+            builder,
+            pixel_scale=pixel_scale_arcsec,
+            tract_overlap=tract_overlap_deg,
+            ra_start=ra_start_deg,
+            patch_inner=patch_inner,
+            patch_border=patch_border,
         )
     )
 

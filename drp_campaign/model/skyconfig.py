@@ -23,6 +23,7 @@ __all__ = [
     "SkymapLike",
     "builder_defaults",
     "cell_layout",
+    "resolve_config",
     "resolve_skymap",
 ]
 
@@ -198,13 +199,28 @@ def cell_layout(patch_inner: int, patch_border: int) -> tuple[int, int]:
     return patch_inner // CELL_INNER, extra // CELL_INNER
 
 
-def resolve_skymap(skymap: SkymapLike) -> SkyMapConfig:
-    """Resolve a spec's skymap into a full config, applying the builder's defaults.
+def resolve_config(
+    num_rings: int,
+    builder: str,
+    *,
+    pixel_scale: float | None = None,
+    tract_overlap: float | None = None,
+    ra_start: float | None = None,
+    patch_inner: int | None = None,
+    patch_border: int | None = None,
+) -> SkyMapConfig:
+    """Resolve skymap parameters into a full config, applying the builder's defaults.
 
     Parameters
     ----------
-    skymap : `SkymapLike`
-        Usually ``spec.skymap``.
+    num_rings : `int`
+        ``numRings``.
+    builder : `str`
+        ``cells`` or ``legacy``.
+    pixel_scale, tract_overlap, ra_start : `float`, optional
+        Arcsec per pixel, degrees, degrees; `None`: the default.
+    patch_inner, patch_border : `int`, optional
+        Pixels; `None`: the builder's default.
 
     Returns
     -------
@@ -216,17 +232,45 @@ def resolve_skymap(skymap: SkymapLike) -> SkyMapConfig:
     ValueError
         Raised for an unknown builder.
     """
-    defaults = builder_defaults(skymap.builder)
+    defaults = builder_defaults(builder)
 
     def pick(value: float | int | None, key: str) -> float | int:
         return defaults[key] if value is None else value
 
     return SkyMapConfig(
-        num_rings=int(skymap.rings),
-        builder="cells" if skymap.builder == "cells" else "legacy",
-        pixel_scale_arcsec=float(pick(skymap.pixel_scale, "pixel_scale")),
-        tract_overlap_deg=float(pick(skymap.tract_overlap, "tract_overlap")),
-        ra_start_deg=float(pick(skymap.ra_start, "ra_start")),
-        patch_inner=int(pick(skymap.patch_inner, "patch_inner")),
-        patch_border=int(pick(skymap.patch_border, "patch_border")),
+        num_rings=int(num_rings),
+        builder="cells" if builder == "cells" else "legacy",
+        pixel_scale_arcsec=float(pick(pixel_scale, "pixel_scale")),
+        tract_overlap_deg=float(pick(tract_overlap, "tract_overlap")),
+        ra_start_deg=float(pick(ra_start, "ra_start")),
+        patch_inner=int(pick(patch_inner, "patch_inner")),
+        patch_border=int(pick(patch_border, "patch_border")),
+    )
+
+
+def resolve_skymap(skymap: SkymapLike) -> SkyMapConfig:
+    """Resolve a spec's skymap into a full config, applying the builder's defaults.
+
+    Parameters
+    ----------
+    skymap : `SkymapLike`
+        Usually ``spec.skymap``.
+
+    Returns
+    -------
+    config : `SkyMapConfig`
+
+    Raises
+    ------
+    ValueError
+        Raised for an unknown builder.
+    """
+    return resolve_config(
+        skymap.rings,
+        skymap.builder,
+        pixel_scale=skymap.pixel_scale,
+        tract_overlap=skymap.tract_overlap,
+        ra_start=skymap.ra_start,
+        patch_inner=skymap.patch_inner,
+        patch_border=skymap.patch_border,
     )
