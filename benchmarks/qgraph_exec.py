@@ -66,7 +66,7 @@ def setup(work: Path, visits: int) -> tuple[Any, Any, dict[str, Path]]:
     from drp_campaign.backends.qgraph import site_selections
     from drp_campaign.model.focalplane import focal_plane
     from drp_campaign.model.plan import plan_visits
-    from drp_campaign.model.sky import RingsSkyMap
+    from drp_campaign.model.sky import sky_map_for
     from drp_campaign.model.spec import load_spec
     from drp_campaign.model.survey import make_survey
 
@@ -79,7 +79,7 @@ def setup(work: Path, visits: int) -> tuple[Any, Any, dict[str, Path]]:
     spec = load_spec(spec_path)
     assert spec.survey.preset is not None
     table = make_survey(spec.survey.preset, spec.survey.seed, visits=visits)
-    sky = RingsSkyMap(spec.skymap.rings, spec.skymap.builder)
+    sky = sky_map_for(spec.skymap)
     plan = plan_visits(sky, focal_plane(spec.instrument), table, spec.shares)
     repos = {
         s: r.root for s, r in populate_site_repos(work, spec, plan, file_size=FILE_SIZE).items()

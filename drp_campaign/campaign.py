@@ -698,7 +698,7 @@ class CampaignRun:
 
     def _where(self, step: str, site: str) -> str:
         from .backends.qgraph import step_query
-        from .model.sky import sky_map
+        from .model.sky import sky_map_for
 
         s = self.spec.step(step)
         if site not in self.sites_of(step) or len(self.sites_of(step)) == 1:
@@ -712,7 +712,7 @@ class CampaignRun:
             )
         if selection.patches.empty:
             raise _Skip(f"no patch of the campaign belongs to {site}")
-        sky = sky_map(self.spec.skymap.rings, self.spec.skymap.builder)
+        sky = sky_map_for(self.spec.skymap)
         sizes = {
             int(t): int(sky[int(t)].num_patches[0] * sky[int(t)].num_patches[1])
             for t in selection.patches["tract"].unique()

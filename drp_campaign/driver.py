@@ -29,7 +29,7 @@ from .backends.local.workload import (
 from .backends.qgraph import build_graph, step_query
 from .model.focalplane import focal_plane
 from .model.overlaps import compute_overlaps
-from .model.sky import sky_map
+from .model.sky import sky_map_for
 from .model.spec import CampaignSpec
 
 __all__ = [
@@ -80,7 +80,7 @@ def reference_collection(campaign: str) -> str:
 
 def _tracts_of(spec: CampaignSpec, visits: pd.DataFrame) -> list[int]:
     table = compute_overlaps(
-        sky_map(spec.skymap.rings, spec.skymap.builder),
+        sky_map_for(spec.skymap),
         focal_plane(spec.instrument),
         visits["visit"].to_numpy(),
         visits["ra"].to_numpy(),

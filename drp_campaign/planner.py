@@ -31,8 +31,8 @@ from .model.assign import assign_visits
 from .model.focalplane import focal_plane
 from .model.overlaps import OverlapTable, compute_overlaps, patch_key, split_patch_key
 from .model.partition import SHARE_TOLERANCE, Partition, partition_patches
-from .model.sky import sky_map
-from .model.spec import CampaignSpec
+from .model.sky import sky_map_for
+from .model.spec import CampaignSpec, SkymapSpec
 from .model.survey import survey_from_spec
 from .model.transfers import NOMINAL_BYTES, detector_needs, transfer_rows, visit_costs
 
@@ -58,8 +58,8 @@ ProgressFn = Callable[[str, int, int], None]
 
 @dataclass(frozen=True)
 class _Geometry:
-    rings: int
-    builder: str
+    # The whole skymap spec (not only rings and builder), so Dask workers build the same sky.
+    skymap: SkymapSpec
     instrument: str
 
 
@@ -77,7 +77,7 @@ class PlanResult:
 def _overlaps_chunk(
     geom: _Geometry, chunk: pd.DataFrame, part: str
 ) -> tuple[np.ndarray, np.ndarray, int]:
-    sky = sky_map(geom.rings, geom.builder)
+    sky = sky_map_for(geom.skymap)
     table = compute_overlaps(
         sky,
         focal_plane(geom.instrument),
@@ -322,7 +322,7 @@ def run_plan(
     if visits is None:
         visits = survey_from_spec(spec)
     visits = visits.sort_values("visit", kind="stable").reset_index(drop=True)
-    geom = _Geometry(spec.skymap.rings, spec.skymap.builder, spec.instrument)
+    geom = _Geometry(spec.skymap, spec.instrument)
     sites = spec.site_names
     shares = spec.shares
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -335,7 +335,7 @@ def run_plan(
     # Chunks are compact on the sky (ordered by the tract of the boresight, then visit id), so a
     # chunk's visits share tracts and each tract is projected once for many visits. The order is
     # a pure function of the visits, so the files do not depend on chunk size or input order.
-    sky = sky_map(geom.rings, geom.builder)
+    sky = sky_map_for(geom.skymap)
     spatial = visits.assign(
         _tract=sky.find_tracts(visits["ra"].to_numpy(), visits["dec"].to_numpy())
     )
@@ -464,11 +464,9 @@ def _summary(
     return {
         "campaign": spec.campaign,
         "instrument": spec.instrument,
-        "skymap": {
-            "name": spec.skymap.name,
-            "rings": spec.skymap.rings,
-            "builder": spec.skymap.builder,
-        },
+        # Config keys the spec sets are recorded; left-out ones are not, so the summary of an
+        # existing spec stays byte-identical.
+        "skymap": spec.skymap.model_dump(exclude_none=True),
         "hub": spec.hub,
         "sites": {
             s: {

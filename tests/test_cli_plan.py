@@ -19,8 +19,8 @@ from typer.testing import CliRunner
 from drp_campaign.cli import app
 from drp_campaign.model.focalplane import focal_plane
 from drp_campaign.model.plan import plan_visits
-from drp_campaign.model.sky import RingsSkyMap
-from drp_campaign.model.spec import load_spec
+from drp_campaign.model.sky import RingsSkyMap, sky_map_for
+from drp_campaign.model.spec import load_spec, parse_spec
 from drp_campaign.model.survey import make_survey
 from drp_campaign.planner import PLAN_FILES, run_plan
 
@@ -101,7 +101,7 @@ def test_dask_planner_equals_in_memory_reference_and_is_deterministic(tmp_path: 
         plots=False,
     )
     assert _digest(a.out_dir) == _digest(b.out_dir)
-    ref = plan_visits(RingsSkyMap(120, "cells"), focal_plane(spec.instrument), visits, spec.shares)
+    ref = plan_visits(sky_map_for(spec.skymap), focal_plane(spec.instrument), visits, spec.shares)
     got = pq.read_table(a.out_dir / "visits.parquet").to_pandas()
     sites = np.asarray(spec.site_names)
     assert list(got["site"]) == list(sites[ref.assignment.home])
@@ -121,6 +121,35 @@ def test_dask_planner_equals_in_memory_reference_and_is_deterministic(tmp_path: 
     )
     ov = pq.read_table(a.out_dir / "overlaps.parquet").to_pandas()
     assert len(ov) == len(ref.overlaps)
+
+
+def test_dask_planner_uses_the_whole_skymap_config(tmp_path: Path) -> None:
+    # Worker processes rebuild the sky from the spec: a non-default pixel scale and builder must
+    # reach them (the legacy HSC geometry has 9x9 patches of 4000 px at 0.168").
+    text = DC2.read_text().replace(
+        "builder: cells}", "builder: legacy, pixel_scale: 0.168, ra_start: 10}"
+    )
+    spec = parse_spec(text, DC2)
+    assert spec.skymap.pixel_scale == 0.168
+    visits = make_survey("dc2-test-med-1", seed=1, visits=12)
+    result = run_plan(spec, tmp_path / "p", visits=visits, workers=2, chunk_visits=5, plots=False)
+    assert result.summary["skymap"] == {
+        "name": "DC2_cells_v1",
+        "rings": 120,
+        "builder": "legacy",
+        "pixel_scale": 0.168,
+        "ra_start": 10.0,
+    }
+    sky = sky_map_for(spec.skymap)
+    assert sky.hash() != RingsSkyMap(120, "legacy").hash()
+    ref = plan_visits(sky, focal_plane(spec.instrument), visits, spec.shares)
+    ov = pq.read_table(result.out_dir / "overlaps.parquet").to_pandas()
+    o = ref.overlaps
+    want = set(
+        zip(o.visit.tolist(), o.detector.tolist(), o.tract.tolist(), o.patch.tolist(), strict=True)
+    )
+    assert set(ov.itertuples(index=False, name=None)) == want and len(ov) == len(o)
+    assert int(ov["patch"].max()) < 81
 
 
 def test_bad_spec_exits_2_without_traceback(tmp_path: Path) -> None:

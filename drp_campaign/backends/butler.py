@@ -86,8 +86,9 @@ from lsst.sphgeom import ConvexPolygon, UnitVector3d
 
 from ..model.focalplane import focal_plane
 from ..model.plan import MemoryPlan
-from ..model.sky import sky_map
-from ..model.spec import CampaignSpec
+from ..model.sky import RingsSkyMap, sky_map_for
+from ..model.skyconfig import SkyMapConfig
+from ..model.spec import CampaignSpec, SkymapSpec
 from .instrument import (
     PHYSICAL_FILTERS,
     VISIT_SYSTEM_ID,
@@ -304,11 +305,15 @@ def open_repo(root: str | Path, writeable: bool = True) -> Butler:
 
 
 # --------------------------------------------------------------------------------- dimensions
+def _patch_maxima(sky: RingsSkyMap) -> tuple[int, int]:
+    return _patch_maxima_of(sky.config)
+
+
 @lru_cache(maxsize=4)
-def _patch_maxima(rings: int, builder: str) -> tuple[int, int]:
+def _patch_maxima_of(config: SkyMapConfig) -> tuple[int, int]:
     # lsst.skymap records the largest patch grid of *all* tracts (0.6 s for 120 rings), not only
     # the registered ones, so the skymap record is the same whatever the campaign touches.
-    sky = sky_map(rings, builder)
+    sky = RingsSkyMap.from_config(config)
     nx = ny = 0
     for tract in sky:
         tx, ty = tract.num_patches
@@ -388,7 +393,11 @@ def _sync(butler: Butler, element: str, records: list[dict[str, Any]]) -> None:
 
 
 def register_skymap(
-    butler: Butler, skymap_name: str, rings: int, builder: str, tracts: Iterable[int]
+    butler: Butler,
+    skymap: SkymapSpec,
+    tracts: Iterable[int],
+    *,
+    name: str | None = None,
 ) -> None:
     """Register the skymap and the given tracts with all their patches.
 
@@ -396,19 +405,25 @@ def register_skymap(
     ----------
     butler : `lsst.daf.butler.Butler`
         Writeable Butler.
-    skymap_name : `str`
-        Skymap dimension name (e.g. ``DC2_cells_v1``).
-    rings : `int`
-        Number of rings.
-    builder : `str`
-        ``cells`` or ``legacy``.
+    skymap : `~drp_campaign.model.spec.SkymapSpec`
+        The spec's skymap: its whole config decides the geometry and the hash recorded.
     tracts : iterable of `int`
         Tracts to register (with every patch of each). Registering only the campaign's tracts
         instead of all 18,938 keeps the registry small; the skymap record itself (hash, maxima)
         is exactly lsst.skymap's, so a repository with the real skymap stays compatible.
+    name : `str`, optional
+        Skymap dimension name; ``skymap.name`` (e.g. ``DC2_cells_v1``) by default.
+
+    Raises
+    ------
+    lsst.daf.butler.registry.ConflictingDefinitionError
+        If the registry has a skymap of that name with another hash (use
+        `~drp_campaign.backends.skymaps.check_registered_skymap` first for a message that says
+        which keys to check).
     """
-    sky = sky_map(rings, builder)
-    nx_max, ny_max = _patch_maxima(rings, builder)
+    skymap_name = name or skymap.name
+    sky = sky_map_for(skymap)
+    nx_max, ny_max = _patch_maxima(sky)
     butler.registry.syncDimensionData(
         "skymap",
         {
@@ -550,13 +565,7 @@ def register_campaign_dimensions(
         Tracts to register (every patch of each): those the plan's overlaps touch.
     """
     instrument_class(spec.instrument)().register(butler.registry)
-    register_skymap(
-        butler,
-        skymap_name or spec.skymap.name,
-        spec.skymap.rings,
-        spec.skymap.builder,
-        tracts,
-    )
+    register_skymap(butler, spec.skymap, tracts, name=skymap_name)
     register_visits(butler, spec.instrument, visits_df)
 
 

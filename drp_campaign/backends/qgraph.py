@@ -478,7 +478,7 @@ def step_requests(
     requests : `list` [`GraphRequest`]
         Sites with nothing to do for a sharded step are left out.
     """
-    from ..model.sky import sky_map
+    from ..model.sky import sky_map_for
 
     step_spec = spec.step(step)
     inputs = tuple(input_collections or (f"{spec.instrument}/defaults",))
@@ -486,7 +486,7 @@ def step_requests(
     gathered = step_spec.placement == "gather" or step_spec.shard == "none"
     sites = [spec.hub] if gathered else list(spec.site_names)
     selections = site_selections(plan, spec.site_names)
-    sky = sky_map(spec.skymap.rings, spec.skymap.builder)
+    sky = sky_map_for(spec.skymap)
     requests = []
     for site in sites:
         selection = selections[site]

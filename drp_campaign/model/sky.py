@@ -31,7 +31,18 @@ import numpy as np
 from astropy.wcs import WCS
 from numpy.typing import ArrayLike, NDArray
 
-__all__ = ["RingsSkyMap", "TractInfo"]
+from .skyconfig import (
+    CELL_BORDER,
+    CELL_INNER,
+    SkyMapConfig,
+    SkymapLike,
+    builder_defaults,
+    cell_layout,
+    resolve_config,
+    resolve_skymap,
+)
+
+__all__ = ["RingsSkyMap", "TractInfo", "sky_map", "sky_map_for", "skymap_hash"]
 
 # lsst.geom angle units (``AngleUnit`` values) and constants.
 _PI = math.pi
@@ -42,13 +53,7 @@ _ARCSECONDS = math.pi / 180.0 / 3600.0
 # ``lsst::geom::Box2D::EPSILON``.
 _BOX2D_EPSILON = float(np.finfo(float).eps) * 2.0
 
-# Builder parameters (lsst.skymap defaults).
-_CELL_INNER = 150
-_CELL_BORDER = 50
-_NUM_CELLS_PER_PATCH_INNER = 20
-_NUM_CELLS_IN_PATCH_BORDER = 1
-_LEGACY_PATCH_INNER = 4000
-_LEGACY_PATCH_BORDER = 100
+# Builder parameters: defaults and cell sizes live in skyconfig (the spec loader checks them).
 _PROJECTION = "TAN"
 _ROTATION = 0.0
 
@@ -568,6 +573,12 @@ class RingsSkyMap:
         ``pixelScale`` config, arcseconds per pixel.
     ra_start_deg : `float`
         ``raStart`` config, degrees, in ``[0, 360)``.
+    patch_inner : `int`, optional
+        Patch inner size in pixels; by default the builder's (3000 cells, 4000 legacy). With the
+        cells builder it must be whole 150 px cells.
+    patch_border : `int`, optional
+        Patch border in pixels; by default the builder's (200 cells, 100 legacy). With the cells
+        builder it must be 50 px plus whole 150 px cells.
     """
 
     def __init__(
@@ -577,6 +588,8 @@ class RingsSkyMap:
         tract_overlap_deg: float = 1 / 60,
         pixel_scale_arcsec: float = 0.2,
         ra_start_deg: float = 0.0,
+        patch_inner: int | None = None,
+        patch_border: int | None = None,
     ) -> None:
         if num_rings <= 0:
             raise ValueError("num_rings must be positive")
@@ -584,6 +597,17 @@ class RingsSkyMap:
             raise ValueError(f"unknown builder {builder!r}; use 'cells' or 'legacy'")
         if not 0.0 <= ra_start_deg < 360.0:
             raise ValueError("ra_start_deg must be in [0, 360)")
+        if not pixel_scale_arcsec > 0.0:
+            raise ValueError("pixel_scale_arcsec must be positive")
+        if not tract_overlap_deg >= 0.0:
+            raise ValueError("tract_overlap_deg must be >= 0")
+        defaults = builder_defaults(builder)
+        inner = int(defaults["patch_inner"] if patch_inner is None else patch_inner)
+        border = int(defaults["patch_border"] if patch_border is None else patch_border)
+        if inner <= 0 or border < 0:
+            raise ValueError("patch_inner must be positive and patch_border >= 0")
+        # The cells builder packs cell counts, not pixels, into the hash.
+        self._cell_counts = cell_layout(inner, border) if builder == "cells" else (0, 0)
         self.num_rings = num_rings
         self.builder: Literal["cells", "legacy"] = builder
         self.tract_overlap_deg = float(tract_overlap_deg)
@@ -602,12 +626,8 @@ class RingsSkyMap:
         self._num_tracts = sum(ring_nums) + 2
         self._ra_start = self.ra_start_deg * _DEGREES
         self._first_ring_start = self.ring_size_rad * 0.5 - 0.5 * math.pi
-        if builder == "cells":
-            self.patch_inner = _CELL_INNER * _NUM_CELLS_PER_PATCH_INNER
-            self.patch_border = _NUM_CELLS_IN_PATCH_BORDER * _CELL_INNER + _CELL_BORDER
-        else:
-            self.patch_inner = _LEGACY_PATCH_INNER
-            self.patch_border = _LEGACY_PATCH_BORDER
+        self.patch_inner = inner
+        self.patch_border = border
         # ``Angle(pixelScale, arcseconds).asDegrees()`` as used by makeCdMatrix.
         self.pixel_scale_deg = (self.pixel_scale_arcsec * _ARCSECONDS) / _DEGREES
         self._cache: dict[int, TractInfo] = {}
@@ -991,11 +1011,11 @@ class RingsSkyMap:
         if self.builder == "cells":
             packed = struct.pack(
                 "<iiiiidd3sd",
-                _CELL_INNER,
-                _CELL_INNER,
-                _CELL_BORDER,
-                _NUM_CELLS_PER_PATCH_INNER,
-                _NUM_CELLS_IN_PATCH_BORDER,
+                CELL_INNER,
+                CELL_INNER,
+                CELL_BORDER,
+                self._cell_counts[0],
+                self._cell_counts[1],
                 self.tract_overlap_deg,
                 self.pixel_scale_arcsec,
                 projection,
@@ -1004,9 +1024,9 @@ class RingsSkyMap:
         else:
             packed = struct.pack(
                 "<iiidd3sd",
-                _LEGACY_PATCH_INNER,
-                _LEGACY_PATCH_INNER,
-                _LEGACY_PATCH_BORDER,
+                self.patch_inner,
+                self.patch_inner,
+                self.patch_border,
                 self.tract_overlap_deg,
                 self.pixel_scale_arcsec,
                 projection,
@@ -1016,13 +1036,74 @@ class RingsSkyMap:
         sha1.update(struct.pack("<id", self.num_rings, self.ra_start_deg))
         return sha1.digest()
 
+    def hash_hex(self) -> str:
+        """Return `hash` as 40 lower-case hex digits (as ``butler`` tools print it).
+
+        Returns
+        -------
+        sha1 : `str`
+        """
+        return self.hash().hex()
+
+    @property
+    def config(self) -> SkyMapConfig:
+        """The resolved config this sky map was built from."""
+        return SkyMapConfig(
+            num_rings=self.num_rings,
+            builder=self.builder,
+            pixel_scale_arcsec=self.pixel_scale_arcsec,
+            tract_overlap_deg=self.tract_overlap_deg,
+            ra_start_deg=self.ra_start_deg,
+            patch_inner=self.patch_inner,
+            patch_border=self.patch_border,
+        )
+
+    @classmethod
+    def from_config(cls, config: SkyMapConfig) -> RingsSkyMap:
+        """Build a sky map from a resolved config.
+
+        Parameters
+        ----------
+        config : `SkyMapConfig`
+            E.g. from `~drp_campaign.model.skyconfig.resolve_skymap`.
+
+        Returns
+        -------
+        sky : `RingsSkyMap`
+        """
+        return cls(
+            num_rings=config.num_rings,
+            builder=config.builder,
+            tract_overlap_deg=config.tract_overlap_deg,
+            pixel_scale_arcsec=config.pixel_scale_arcsec,
+            ra_start_deg=config.ra_start_deg,
+            patch_inner=config.patch_inner,
+            patch_border=config.patch_border,
+        )
+
 
 @lru_cache(maxsize=8)
-def sky_map(num_rings: int = 120, builder: str = "cells") -> RingsSkyMap:
+def _shared(config: SkyMapConfig) -> RingsSkyMap:
+    # One instance per resolved config: a spec that spells out a default and one that leaves it
+    # out get the same object (and its tract cache).
+    return RingsSkyMap.from_config(config)
+
+
+def sky_map(
+    num_rings: int = 120,
+    builder: str = "cells",
+    *,
+    pixel_scale_arcsec: float | None = None,
+    tract_overlap_deg: float | None = None,
+    ra_start_deg: float | None = None,
+    patch_inner: int | None = None,
+    patch_border: int | None = None,
+) -> RingsSkyMap:
     """Return a shared `RingsSkyMap` for these parameters (one per process).
 
     Tracts and their patch boxes are cached inside a sky map, so code that plans, registers or
-    queries the same sky should share one instance rather than build its own.
+    queries the same sky should share one instance rather than build its own. Code holding a
+    spec should call `sky_map_for` instead, so that the spec's whole config reaches the geometry.
 
     Parameters
     ----------
@@ -1030,11 +1111,56 @@ def sky_map(num_rings: int = 120, builder: str = "cells") -> RingsSkyMap:
         Number of rings.
     builder : `str`
         ``cells`` or ``legacy``.
+    pixel_scale_arcsec, tract_overlap_deg, ra_start_deg : `float`, optional
+        ``pixelScale`` (arcsec), ``tractOverlap`` (deg), ``raStart`` (deg); `None`: the default.
+    patch_inner, patch_border : `int`, optional
+        Patch inner size and border, pixels; `None`: the builder's default.
 
     Returns
     -------
     sky : `RingsSkyMap`
     """
-    if builder not in ("cells", "legacy"):
-        raise ValueError(f"unknown tract builder {builder!r}: use 'cells' or 'legacy'")
-    return RingsSkyMap(num_rings=num_rings, builder=builder)  # type: ignore[arg-type]
+    return _shared(
+        resolve_config(
+            num_rings,
+            builder,
+            pixel_scale=pixel_scale_arcsec,
+            tract_overlap=tract_overlap_deg,
+            ra_start=ra_start_deg,
+            patch_inner=patch_inner,
+            patch_border=patch_border,
+        )
+    )
+
+
+def sky_map_for(skymap: SkymapLike) -> RingsSkyMap:
+    """Return the shared `RingsSkyMap` of a spec's skymap, with its whole config.
+
+    Parameters
+    ----------
+    skymap : `~drp_campaign.model.spec.SkymapSpec`
+        Usually ``spec.skymap``; keys left out mean the builder's defaults.
+
+    Returns
+    -------
+    sky : `RingsSkyMap`
+    """
+    return _shared(resolve_skymap(skymap))
+
+
+def skymap_hash(skymap: SkymapLike) -> str:
+    """Return the lsst.skymap SHA1 of a spec's skymap as 40 hex digits.
+
+    This is what a Butler registry stores in the ``skymap`` record's ``hash`` (as bytes).
+
+    Parameters
+    ----------
+    skymap : `~drp_campaign.model.spec.SkymapSpec`
+        Usually ``spec.skymap``.
+
+    Returns
+    -------
+    sha1 : `str`
+        E.g. ``e29fe9f1008e359f36a3677e7d69cc439376d1e6`` for ``hsc_rings_v1``.
+    """
+    return sky_map_for(skymap).hash_hex()

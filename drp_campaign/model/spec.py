@@ -42,6 +42,8 @@ from pydantic import (
     model_validator,
 )
 
+from .skyconfig import CELL_BORDER, CELL_INNER, builder_defaults, cell_layout
+
 __all__ = [
     "INSTRUMENTS",
     "MAX_SITES",
@@ -206,11 +208,29 @@ def _from_loader(info: ValidationInfo) -> bool:
 
 
 class SkymapSpec(_Model):
-    """The skymap: a RingsSkyMap (DESIGN.md section 3)."""
+    """The skymap: a RingsSkyMap (DESIGN.md sections 3 and 10).
+
+    ``name``, ``rings`` and ``builder`` plus the rest of the RingsSkyMap config, which decides the
+    geometry and the lsst.skymap hash a registered skymap must match. An optional key left out
+    (`None`) means the builder's default (`drp_campaign.model.skyconfig.builder_defaults`).
+    Float keys accept YAML integers (``pixel_scale: 1``): strict mode still takes an int for a
+    float, and the geometry converts it, so ``1`` and ``1.0`` are the same skymap.
+    """
 
     name: str = Field(min_length=1)
     rings: int = Field(default=120, ge=1)
     builder: Literal["cells", "legacy"] = "cells"
+    pixel_scale: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    tract_overlap: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+    ra_start: float | None = Field(default=None, ge=0, lt=360, allow_inf_nan=False)
+    patch_inner: int | None = Field(default=None, gt=0)
+    patch_border: int | None = Field(default=None, ge=0)
+
+    @model_validator(mode="after")
+    def _whole_cells(self, info: ValidationInfo) -> Self:
+        if not _from_loader(info):
+            _raise_if(_skymap_problems(self.model_dump(), "skymap"))
+        return self
 
 
 class SurveySpec(_Model):
@@ -441,7 +461,16 @@ _ALLOWED_KEYS: dict[str, tuple[str, ...]] = {
         "temporaries",
         "pvi",
     ),
-    "skymap": ("name", "rings", "builder"),
+    "skymap": (
+        "name",
+        "rings",
+        "builder",
+        "pixel_scale",
+        "tract_overlap",
+        "ra_start",
+        "patch_inner",
+        "patch_border",
+    ),
     "survey": ("preset", "seed", "visits"),
     "sites.*": ("compute_site", "cloud", "share"),
     "partition": ("policy",),
@@ -477,7 +506,8 @@ _HELP: dict[str, _Help] = {
         "set instrument to " + ", ".join(INSTRUMENTS[:-1]) + " or " + INSTRUMENTS[-1] + ".",
     ),
     "skymap": _Help(
-        "must be a mapping {name, rings, builder}",
+        "must be a mapping {name, rings, builder} (optionally pixel_scale, tract_overlap, "
+        "ra_start, patch_inner, patch_border)",
         "skymap: {name: lsst_cells_v1, rings: 120, builder: cells}",
         "write it as e.g. '{name: lsst_cells_v1, rings: 120, builder: cells}'.",
     ),
@@ -495,6 +525,35 @@ _HELP: dict[str, _Help] = {
         "must be 'cells' or 'legacy'",
         "builder: cells",
         "use 'cells' for the *_cells_v1 skymaps (10x10 patches) or 'legacy' (7x7 patches).",
+    ),
+    "skymap.pixel_scale": _Help(
+        "must be a number > 0 (arcseconds per pixel)",
+        "pixel_scale: 0.2",
+        "set it to the skymap's pixelScale in arcsec, e.g. 0.2 (the default) or 0.168 (HSC), "
+        "or leave it out.",
+    ),
+    "skymap.tract_overlap": _Help(
+        "must be a number >= 0 (degrees)",
+        "tract_overlap: 0.016666666666666666",
+        "set it to the skymap's tractOverlap in degrees; the default 1/60 is "
+        "0.016666666666666666 (write all the digits: the hash uses the exact float), or leave "
+        "it out.",
+    ),
+    "skymap.ra_start": _Help(
+        "must be a number in [0, 360) (degrees)",
+        "ra_start: 0.0",
+        "set it to the skymap's raStart in degrees, e.g. 0.0 (the default), or leave it out.",
+    ),
+    "skymap.patch_inner": _Help(
+        "must be a whole number > 0 (pixels)",
+        "patch_inner: 4000",
+        "set it to the patch inner size in pixels (defaults: 3000 cells, 4000 legacy), or leave "
+        "it out.",
+    ),
+    "skymap.patch_border": _Help(
+        "must be a whole number >= 0 (pixels)",
+        "patch_border: 100",
+        "set it to the patch border in pixels (defaults: 200 cells, 100 legacy), or leave it out.",
     ),
     "survey": _Help(
         "must be a mapping {preset, seed, visits}",
@@ -769,9 +828,38 @@ def _survey_problems(survey: object, key: str) -> list[Problem]:
     return []
 
 
+def _skymap_problems(skymap: object, key: str) -> list[Problem]:
+    """Cells-builder patch sizes must be whole cells (see `skyconfig.cell_layout`)."""
+    if not isinstance(skymap, Mapping) or skymap.get("builder", "cells") != "cells":
+        return []
+    defaults = builder_defaults("cells")
+    problems: list[Problem] = []
+    for name, minimum in (("patch_inner", 1), ("patch_border", 0)):
+        value = skymap.get(name)
+        # Only well-typed values in range: the field checks report the others.
+        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+            continue
+        sizes = {"patch_inner": int(defaults["patch_inner"])}
+        sizes["patch_border"] = int(defaults["patch_border"])
+        sizes[name] = value
+        try:
+            cell_layout(sizes["patch_inner"], sizes["patch_border"])
+        except ValueError as exc:
+            problems.append(
+                Problem(
+                    f"{key}.{name}",
+                    str(exc),
+                    f"use a size the cells builder can make ({CELL_INNER} px cells, "
+                    f"{CELL_BORDER} px cell border), or 'builder: legacy' for other patch sizes.",
+                    value=value,
+                )
+            )
+    return problems
+
+
 def _cross_problems(data: Mapping[Any, Any]) -> list[Problem]:
     """Rules that span keys. Written against raw data so they run even if other keys are bad."""
-    problems: list[Problem] = []
+    problems: list[Problem] = _skymap_problems(data.get("skymap"), "skymap")
     sites = data.get("sites")
     if isinstance(sites, Mapping):
         names = list(sites)

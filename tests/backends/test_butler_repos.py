@@ -26,7 +26,7 @@ from drp_campaign.backends.butler import (
 from drp_campaign.backends.instrument import PHYSICAL_FILTERS, instrument_class
 from drp_campaign.model.focalplane import focal_plane
 from drp_campaign.model.plan import MemoryPlan, plan_visits
-from drp_campaign.model.sky import RingsSkyMap
+from drp_campaign.model.sky import sky_map_for
 from drp_campaign.model.spec import CampaignSpec, load_spec
 from drp_campaign.model.survey import survey_from_spec
 
@@ -61,7 +61,7 @@ def small_campaign(tmp: Path) -> tuple[CampaignSpec, MemoryPlan]:
     path = tmp / "spec.yaml"
     path.write_text(SPEC_YAML)
     spec = load_spec(path)
-    sky = RingsSkyMap(spec.skymap.rings, spec.skymap.builder)
+    sky = sky_map_for(spec.skymap)
     plan = plan_visits(sky, focal_plane(spec.instrument), survey_from_spec(spec), spec.shares)
     return spec, plan
 
@@ -171,7 +171,7 @@ def test_tract_and_patch_regions_are_the_planner_polygons(
     campaign: tuple[CampaignSpec, MemoryPlan, Path], hub: Butler
 ) -> None:
     spec, plan, _ = campaign
-    sky = RingsSkyMap(spec.skymap.rings, spec.skymap.builder)
+    sky = sky_map_for(spec.skymap)
     (skymap,) = hub.query_dimension_records("skymap")
     assert skymap.hash == sky.hash() and skymap.tract_max == len(sky) == 18938
     assert (skymap.patch_nx_max, skymap.patch_ny_max) == (10, 10)

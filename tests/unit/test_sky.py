@@ -11,7 +11,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from drp_campaign.model.sky import RingsSkyMap, TractInfo
+from drp_campaign.model.sky import RingsSkyMap, TractInfo, sky_map, sky_map_for, skymap_hash
+from drp_campaign.model.spec import SkymapSpec
 
 _SKYMAP = RingsSkyMap()
 _SMALL = RingsSkyMap(num_rings=12)
@@ -212,6 +213,64 @@ def test_hash(skymap: RingsSkyMap, legacy: RingsSkyMap) -> None:
     assert h != legacy.hash()
     assert h != RingsSkyMap(num_rings=121).hash()
     assert h != RingsSkyMap(ra_start_deg=10.0).hash()
+
+
+# Hashes of the registered skymaps these configs describe (lsst.skymap's getSha1).
+HSC_RINGS_V1 = "e29fe9f1008e359f36a3677e7d69cc439376d1e6"
+
+
+def test_hash_of_hsc_rings_v1() -> None:
+    # hsc_rings_v1: 120 rings, legacy builder, 0.168"/px, tractOverlap 1/60 deg, raStart 0.
+    spec = SkymapSpec(
+        name="hsc_rings_v1", rings=120, builder="legacy", pixel_scale=0.168, tract_overlap=1 / 60
+    )
+    assert skymap_hash(spec) == HSC_RINGS_V1
+    assert sky_map_for(spec).hash_hex() == HSC_RINGS_V1
+    spelled_out = spec.model_copy(
+        update={"ra_start": 0.0, "patch_inner": 4000, "patch_border": 100}
+    )
+    assert skymap_hash(spelled_out) == HSC_RINGS_V1
+    assert RingsSkyMap(120, "legacy", 1 / 60, 0.168, 0.0).hash().hex() == HSC_RINGS_V1
+    assert skymap_hash(spec.model_copy(update={"pixel_scale": 0.2})) != HSC_RINGS_V1
+    assert skymap_hash(spec.model_copy(update={"patch_border": 101})) != HSC_RINGS_V1
+
+
+def test_spec_defaults_are_the_existing_geometry() -> None:
+    # A spec without the new keys is the sky map (and hash) every caller used before.
+    for builder in ("cells", "legacy"):
+        spec = SkymapSpec(name="x", rings=120, builder=builder)  # type: ignore[arg-type]
+        sky = sky_map_for(spec)
+        assert sky is sky_map(120, builder)
+        assert sky.hash() == RingsSkyMap(120, builder).hash()  # type: ignore[arg-type]
+    spelled = SkymapSpec(
+        name="x",
+        rings=120,
+        builder="cells",
+        pixel_scale=0.2,
+        tract_overlap=1 / 60,
+        ra_start=0,
+        patch_inner=3000,
+        patch_border=200,
+    )
+    assert sky_map_for(spelled) is sky_map(120, "cells")
+
+
+def test_patch_size_overrides() -> None:
+    legacy = RingsSkyMap(num_rings=12, builder="legacy", patch_inner=2000, patch_border=50)
+    t = legacy[5]
+    assert (t.patch_inner, t.patch_border) == (2000, 50)
+    assert t.width == 2000 * t.num_patches[0]
+    assert legacy.hash() != RingsSkyMap(num_rings=12, builder="legacy").hash()
+    # Cells: the hash packs cell counts, so 350 px of border is 2 border cells.
+    cells = RingsSkyMap(num_rings=12, patch_inner=1500, patch_border=350)
+    assert (cells[5].patch_inner, cells[5].patch_border) == (1500, 350)
+    assert cells._cell_counts == (10, 2)
+    with pytest.raises(ValueError, match="multiple of the 150 px cell"):
+        RingsSkyMap(num_rings=12, patch_inner=1000)
+    with pytest.raises(ValueError, match="50 px plus whole 150 px cells"):
+        RingsSkyMap(num_rings=12, patch_border=100)
+    with pytest.raises(ValueError, match="pixel_scale_arcsec"):
+        RingsSkyMap(num_rings=12, pixel_scale_arcsec=0.0)
 
 
 # ----------------------------------------------------------------------- properties

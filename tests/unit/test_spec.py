@@ -301,6 +301,62 @@ BAD: dict[str, tuple[str, str]] = {
         "skymap.rings: 0 is not valid: must be a whole number >= 1. "
         "Fix: set it to the skymap's numRings (120 for lsst_cells_v1 and DC2_cells_v1).",
     ),
+    "pixel-scale": (
+        edit("builder: cells}", "builder: cells, pixel_scale: 0}"),
+        "skymap.pixel_scale: 0 is not valid: must be a number > 0 (arcseconds per pixel). "
+        "Fix: set it to the skymap's pixelScale in arcsec, e.g. 0.2 (the default) or 0.168 "
+        "(HSC), or leave it out.",
+    ),
+    "pixel-scale-string": (
+        edit("builder: cells}", "builder: cells, pixel_scale: 0.2arcsec}"),
+        "skymap.pixel_scale: '0.2arcsec' is not valid: must be a number > 0 (arcseconds per "
+        "pixel). Fix: set it to the skymap's pixelScale in arcsec, e.g. 0.2 (the default) or "
+        "0.168 (HSC), or leave it out.",
+    ),
+    "tract-overlap": (
+        edit("builder: cells}", "builder: cells, tract_overlap: -1}"),
+        "skymap.tract_overlap: -1 is not valid: must be a number >= 0 (degrees). "
+        "Fix: set it to the skymap's tractOverlap in degrees; the default 1/60 is "
+        "0.016666666666666666 (write all the digits: the hash uses the exact float), or leave "
+        "it out.",
+    ),
+    "ra-start": (
+        edit("builder: cells}", "builder: cells, ra_start: 360}"),
+        "skymap.ra_start: 360 is not valid: must be a number in [0, 360) (degrees). "
+        "Fix: set it to the skymap's raStart in degrees, e.g. 0.0 (the default), or leave it "
+        "out.",
+    ),
+    "patch-inner-float": (
+        edit("builder: cells}", "builder: legacy, patch_inner: 4000.0}"),
+        "skymap.patch_inner: 4000.0 is not valid: must be a whole number > 0 (pixels). "
+        "Fix: set it to the patch inner size in pixels (defaults: 3000 cells, 4000 legacy), or "
+        "leave it out.",
+    ),
+    "patch-border": (
+        edit("builder: cells}", "builder: legacy, patch_border: -1}"),
+        "skymap.patch_border: -1 is not valid: must be a whole number >= 0 (pixels). "
+        "Fix: set it to the patch border in pixels (defaults: 200 cells, 100 legacy), or leave "
+        "it out.",
+    ),
+    "patch-inner-not-whole-cells": (
+        edit("builder: cells}", "builder: cells, patch_inner: 4000}"),
+        "skymap.patch_inner: 4000 is not valid: with the cells builder patch_inner must be a "
+        "positive multiple of the 150 px cell (e.g. 3000 = 20 cells), not 4000. "
+        "Fix: use a size the cells builder can make (150 px cells, 50 px cell border), or "
+        "'builder: legacy' for other patch sizes.",
+    ),
+    "patch-border-not-whole-cells": (
+        edit("builder: cells}", "builder: cells, patch_border: 100}"),
+        "skymap.patch_border: 100 is not valid: with the cells builder patch_border must be 50 "
+        "px plus whole 150 px cells (50, 200, 350, ...), not 100. "
+        "Fix: use a size the cells builder can make (150 px cells, 50 px cell border), or "
+        "'builder: legacy' for other patch sizes.",
+    ),
+    "skymap-key-typo": (
+        edit("builder: cells}", "builder: cells, pixelscale: 0.2}"),
+        "skymap.pixelscale: unknown key 'pixelscale' (did you mean 'pixel_scale'?). "
+        "Fix: rename 'pixelscale' to 'pixel_scale'.",
+    ),
     "instrument": (
         edit("instrument: LSSTCam-imSim", "instrument: LSSTcam"),
         "instrument: 'LSSTcam' is not valid: must be one of LSSTCam, LSSTCam-imSim, LSSTComCam "
@@ -362,7 +418,8 @@ BAD: dict[str, tuple[str, str]] = {
     ),
     "skymap-not-a-mapping": (
         edit("{name: DC2_cells_v1, rings: 120, builder: cells}", "DC2_cells_v1"),
-        "skymap: 'DC2_cells_v1' is not valid: must be a mapping {name, rings, builder}. "
+        "skymap: 'DC2_cells_v1' is not valid: must be a mapping {name, rings, builder} "
+        "(optionally pixel_scale, tract_overlap, ra_start, patch_inner, patch_border). "
         "Fix: write it as e.g. '{name: lsst_cells_v1, rings: 120, builder: cells}'.",
     ),
     "yaml-syntax": (
@@ -444,6 +501,35 @@ def test_all_problems_reported_together(tmp_path: Path) -> None:
     ]
     assert str(info.value).splitlines()[0] == f"{path}: 4 problems:"
     assert "skymap.rings: true is not valid: must be a whole number >= 1." in str(info.value)
+
+
+def test_skymap_config_keys() -> None:
+    # DESIGN.md section 10: the whole RingsSkyMap config; YAML ints are fine for float keys.
+    text = edit(
+        "{name: DC2_cells_v1, rings: 120, builder: cells}",
+        "{name: hsc_rings_v1, rings: 120, builder: legacy, pixel_scale: 0.168, "
+        "tract_overlap: 0.016666666666666666, ra_start: 0, patch_inner: 4000, patch_border: 100}",
+    )
+    skymap = parse_spec(text).skymap
+    assert (skymap.pixel_scale, skymap.tract_overlap, skymap.ra_start) == (0.168, 1 / 60, 0.0)
+    assert (skymap.patch_inner, skymap.patch_border) == (4000, 100)
+    assert isinstance(skymap.ra_start, float)
+    one = parse_spec(edit("builder: cells}", "builder: cells, pixel_scale: 1}")).skymap
+    assert one.pixel_scale == 1.0 and isinstance(one.pixel_scale, float)
+    cells = parse_spec(edit("builder: cells}", "builder: cells, patch_border: 350}")).skymap
+    assert cells.patch_border == 350
+    # Left out: None, meaning the builder's default (the existing specs are unchanged).
+    default = parse_spec(GOOD).skymap
+    assert (default.pixel_scale, default.tract_overlap, default.ra_start) == (None, None, None)
+    assert (default.patch_inner, default.patch_border) == (None, None)
+
+
+def test_skymap_spec_built_in_code_checks_cells() -> None:
+    from drp_campaign.model.spec import SkymapSpec
+
+    assert SkymapSpec(name="x", builder="legacy", patch_inner=4000).patch_inner == 4000
+    with pytest.raises(ValidationError, match="multiple of the 150 px cell"):
+        SkymapSpec(name="x", builder="cells", patch_inner=4000)
 
 
 def test_spec_error_is_a_value_error() -> None:
