@@ -458,7 +458,7 @@ class CampaignRun:
                     hub,
                     instrument=self.spec.instrument,
                     visits=visits,
-                    skymap=self.spec.skymap.name,
+                    skymap=self.spec.skymap,
                     tracts=tracts,
                     inputs=inputs,
                     label=self.repo_label(self.hub),

@@ -20,7 +20,7 @@ import numpy as np
 from .backends.butler import DEFAULT_FILE_SIZE, create_repo, populate_repo, site_repo_root
 from .model.focalplane import focal_plane
 from .model.overlaps import compute_overlaps
-from .model.sky import sky_map
+from .model.sky import sky_map_for
 from .model.spec import CampaignSpec
 from .model.survey import survey_from_spec
 
@@ -74,7 +74,7 @@ def seed_hub(
     result : `SeedResult`
     """
     visits = survey_from_spec(spec)
-    sky = sky_map(spec.skymap.rings, spec.skymap.builder)
+    sky = sky_map_for(spec.skymap)
     overlaps = compute_overlaps(
         sky,
         focal_plane(spec.instrument),

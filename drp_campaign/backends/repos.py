@@ -38,8 +38,9 @@ from lsst.daf.butler import (
 )
 from lsst.resources import ResourcePath
 
-from ..model.spec import ResolvedInputs
+from ..model.spec import ResolvedInputs, SkymapSpec
 from .butler import has_collection, open_repo, register_run
+from .skymaps import SkymapMismatch, check_registered_skymap
 
 __all__ = [
     "CampaignInputs",
@@ -426,7 +427,7 @@ def check_hub(
     *,
     instrument: str,
     visits: Sequence[int],
-    skymap: str,
+    skymap: SkymapSpec,
     tracts: Sequence[int],
     inputs: ResolvedInputs,
     label: str,
@@ -437,8 +438,10 @@ def check_hub(
     ----------
     hub : `lsst.daf.butler.Butler`
         The hub's repository.
-    instrument, skymap : `str`
-        The spec's instrument and skymap names.
+    instrument : `str`
+        The spec's instrument.
+    skymap : `~drp_campaign.model.spec.SkymapSpec`
+        The spec's skymap: its name must be registered with the same geometry hash.
     visits, tracts : sequence of `int`
         The plan's visits and the tracts they touch.
     inputs : `ResolvedInputs`
@@ -458,15 +461,19 @@ def check_hub(
             f"({_show(missing)}); define them there ('butler define-visits') or plan from the "
             "visits the hub holds"
         )
-    if _skymap_hash(hub, skymap) is None:
+    try:
+        registered = check_registered_skymap(hub, skymap, label)
+    except SkymapMismatch as err:
+        raise RepoError(str(err)) from err
+    if not registered:
         raise RepoError(
-            f"{label}: skymap {skymap!r} is not registered; register it there, or fix "
+            f"{label}: skymap {skymap.name!r} is not registered; register it there, or fix "
             "'skymap.name' in the spec"
         )
-    missing = _missing_tracts(hub, skymap, tracts)
+    missing = _missing_tracts(hub, skymap.name, tracts)
     if missing:
         raise RepoError(
-            f"{label}: skymap {skymap!r} lacks {len(missing)} tract(s) the campaign's visits "
+            f"{label}: skymap {skymap.name!r} lacks {len(missing)} tract(s) the campaign's visits "
             f"touch ({_show(missing)}); register the whole skymap there"
         )
     for name in inputs.all:
