@@ -38,8 +38,10 @@ from drp_campaign.backends.ingest import (
 )
 from drp_campaign.backends.interfaces import DID, CatalogError, NewFile, file_adler32, rse_name
 from drp_campaign.backends.local.catalog import EmbeddedCatalog
+from drp_campaign.backends.rucio import RucioCatalog, rucio_client
 from drp_campaign.backends.rucio_register import SiteRucioInterface
 
+from .conftest import LocalRucio
 from .test_butler_repos import FILE_SIZE, INSTRUMENT, small_campaign
 
 CAMPAIGN = "dc2-test-small"
@@ -313,6 +315,58 @@ def test_site_rucio_interface_sets_what_rucio_interface_sets(
     assert {k: v for k, v in vars(ours).items() if k in vars(theirs) and k != "butler"} == {
         k: v for k, v in vars(theirs).items() if k != "butler"
     }
+
+
+@pytest.mark.rucio
+def test_registration_in_rucio_is_identical_to_the_rucio_register_command(
+    template: Path, tmp_path: Path, local_rucio: LocalRucio, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    shutil.copytree(template / "repos", tmp_path / "repos", symlinks=True)
+    settings = local_rucio.client_settings(local_rucio.new_vo())
+    catalog = RucioCatalog(rucio_client(settings), tmp_path / "rucio-events.sqlite3")
+    theirs = "rucioregister"  # a second scope on the same repository: same names, other DIDs
+    ensure_site_storage(catalog, tmp_path, "USDF", [CAMPAIGN, theirs])
+    root = catalog.rse_root(HUB_RSE)
+    ds_name = f"{RUN}/calexp"
+    # Rubin's path, with a client of its own on the same Rucio.
+    _rucio_register_cli(
+        monkeypatch, tmp_path, rucio_client(settings),
+        ["data-products", "--repo", str(root / theirs), "--collections", RUN, "-d", "calexp",
+         "--rucio-dataset", ds_name],
+        rucio_rse=HUB_RSE, scope=theirs, rse_root=str(root), dtn_url=root.as_uri(),
+    )  # fmt: skip
+    # Ours, through RucioCatalog.
+    with open_repo(tmp_path / "repos" / "USDF", writeable=False) as hub:
+        register_datasets(
+            catalog, hub, _calexps(hub), repo_root=tmp_path / "repos" / "USDF", rse=HUB_RSE,
+            scope=CAMPAIGN, dataset=DID(CAMPAIGN, ds_name),
+        )  # fmt: skip
+    client = catalog.client
+
+    def registered(scope: str) -> dict[str, tuple[Any, ...]]:
+        """What Rucio holds of each file of the dataset, its PFN relative to the scope's root."""
+        out = {}
+        for f in client.list_files(scope, ds_name):
+            meta = client.get_metadata(scope, f["name"], plugin="ALL")
+            (rep,) = client.list_replicas([{"scope": scope, "name": f["name"]}], schemes=["file"])
+            (pfn,) = rep["rses"][HUB_RSE]
+            prefix = f"{root.as_uri()}/{scope}/"
+            assert pfn.startswith(prefix)
+            out[f["name"]] = (
+                f["bytes"],
+                f["adler32"],
+                meta["rubin_butler"],
+                meta["rubin_sidecar"],
+                pfn.removeprefix(prefix),
+                rep["states"],
+            )
+        return out
+
+    ours = registered(CAMPAIGN)
+    assert len(ours) == N_VISITS * 9
+    assert registered(theirs) == ours
+    for scope in (CAMPAIGN, theirs):
+        assert client.get_metadata(scope, ds_name)["monotonic"] is True
 
 
 # ----------------------------------------------------------------------------------------------
