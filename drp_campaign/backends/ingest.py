@@ -293,6 +293,9 @@ def _check_scope_link(catalog: DataCatalog, rse: str, scope: str, repo_root: Pat
 def sidecar(ref: DatasetRef) -> str:
     """Return the ``rubin_sidecar`` metadata of a dataset: its expanded ref as JSON.
 
+    What lsst-rucio-register's ``RucioInterface`` records (``DatasetRef.to_json``), with the
+    check it lacks; `register_datasets` does not call it but runs the package's code.
+
     Parameters
     ----------
     ref : `lsst.daf.butler.DatasetRef`
