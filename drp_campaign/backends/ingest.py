@@ -11,11 +11,11 @@ DID is ``<scope>:<path relative to the repository root>``, the same at every sit
 source datastore gave it: a transfer *is* the copy into the destination datastore, and ingest only
 records it (``transfer=None``, an internal datastore file, like a ``put``).
 
-Registration (`register_datasets`) is lsst-rucio-register's ``data-products`` / ``raws``: each
-file becomes a replica with the DID metadata ``rubin_butler`` (``data_product`` or ``raw_file``,
-lsst-rucio-register's ``DataType``) and ``rubin_sidecar`` (the JSON of the *expanded*
-`~lsst.daf.butler.DatasetRef`, so the dimension records travel with the file), attached to a
-dataset.
+Registration (`register_datasets`) is lsst-rucio-register's ``data-products`` / ``raws``, run
+through the package's own ``RucioInterface`` on the catalog (`.rucio_register`): each file becomes
+a replica with the DID metadata ``rubin_butler`` (``data_product`` or ``raw_file``, the package's
+``DataType``) and ``rubin_sidecar`` (the JSON of the *expanded* `~lsst.daf.butler.DatasetRef`, so
+the dimension records travel with the file), attached to a dataset.
 
 Ingest (`ReplicaMonitor`) is ctrl_ingestd: it consumes the catalog's ``transfer-done`` events per
 destination RSE, verifies each file on disk against the event's size and adler32, rebuilds the
@@ -64,6 +64,7 @@ from .interfaces import (
     TransferEvent,
     rse_name,
 )
+from .rucio_register import DATA_PRODUCT, RAW_FILE, CatalogClient, SiteRucioInterface
 from .sqlite_state import ThreadLocalSQLite
 
 __all__ = [
@@ -88,10 +89,6 @@ _LOG = logging.getLogger(__name__)
 RAW_SCOPE = "raw"
 #: Scope of calibrations, the skymap and other inputs that are not raws (on ``{SITE}_RAW_DISK``).
 ANCILLARY_SCOPE = "ancillary"
-#: ``rubin_butler`` of a Butler data product (lsst-rucio-register's ``DataType.DATA_PRODUCT``).
-DATA_PRODUCT = "data_product"
-#: ``rubin_butler`` of a raw (lsst-rucio-register's ``DataType.RAW_FILE``).
-RAW_FILE = "raw_file"
 
 #: Files registered per catalog call: one transaction (embedded) or one bulk request (Rucio).
 _REGISTER_BATCH = 1000
@@ -305,6 +302,9 @@ def _check_scope_link(catalog: DataCatalog, rse: str, scope: str, repo_root: Pat
 def sidecar(ref: DatasetRef) -> str:
     """Return the ``rubin_sidecar`` metadata of a dataset: its expanded ref as JSON.
 
+    What lsst-rucio-register's ``RucioInterface`` records (``DatasetRef.to_json``), with the
+    check it lacks; `register_datasets` does not call it but runs the package's code.
+
     Parameters
     ----------
     ref : `lsst.daf.butler.DatasetRef`
@@ -375,10 +375,11 @@ def register_datasets(
 ) -> list[NewFile]:
     """Register the files of Butler datasets as replicas at ``rse`` and attach them to a dataset.
 
-    lsst-rucio-register's ``data-products`` (and ``raws``) in-process: each file's DID is
-    ``scope:<path relative to repo_root>``, with its size, adler32 and the metadata
-    ``rubin_butler`` and ``rubin_sidecar`` (see `sidecar`). Files are registered and attached
-    in batches. Idempotent: a rerun registers and attaches nothing new.
+    lsst-rucio-register's ``data-products`` (and ``raws``) in-process, by the package's own
+    ``RucioInterface.register_as_replicas`` (`.rucio_register.SiteRucioInterface`) on the
+    catalog: each file's DID is ``scope:<path relative to repo_root>``, with its size, adler32
+    and the metadata ``rubin_butler`` and ``rubin_sidecar`` (see `sidecar`). Files are
+    registered and attached in batches. Idempotent: a rerun registers and attaches nothing new.
 
     Parameters
     ----------
@@ -395,7 +396,7 @@ def register_datasets(
     scope : `str`
         Scope of the files.
     dataset : `DID`
-        Dataset to attach them to (created if missing).
+        Dataset to attach them to (created if missing), in ``scope``.
     close : `bool`, optional
         Close the dataset afterwards (no more files may be attached).
     rubin_butler : `str`, optional
@@ -412,14 +413,18 @@ def register_datasets(
     CatalogError
         If ``<rse root>/<scope>`` does not lead to the repository.
     ValueError
-        If a file lies outside the repository, or a dataset has several files (disassembled).
+        If a file lies outside the repository, a dataset has several files (disassembled), or
+        ``dataset`` is in another scope.
     FileNotFoundError
         If a dataset is not stored in the repository.
     """
+    if dataset.scope != scope:
+        # lsst-rucio-register attaches files to a dataset of their own scope.
+        raise ValueError(f"dataset {dataset} is not in the files' scope {scope!r}")
     repo = _check_scope_link(catalog, rse, scope, Path(repo_root))
     expanded = _expand(butler, list(refs))
     uris = butler.get_many_uris(expanded)
-    paths: list[Path] = []
+    names: list[str] = []
     for ref in expanded:
         primary, components = uris[ref]
         if primary is None:
@@ -430,20 +435,35 @@ def register_datasets(
         path = Path(os.path.realpath(primary.ospath))
         if not path.is_relative_to(repo):
             raise ValueError(f"{ref} is stored at {path}, outside the repository {repo}")
-        paths.append(path)
-    # Checksumming reads every byte: overlap the reads, they dominate registration time.
-    with ThreadPoolExecutor(max_workers=_CHECKSUM_THREADS) as pool:
-        sums = list(pool.map(_size_and_adler32, paths))
-    files = []
-    for ref, path, (size, adler) in zip(expanded, paths, sums, strict=True):
+        names.append(path.relative_to(repo).as_posix())
+    # The DIDs and their metadata are lsst-rucio-register's own (RucioInterface), made on the
+    # catalog through CatalogClient; the catalog creates the dataset even when no file comes.
+    client = CatalogClient(catalog)
+    root = catalog.rse_root(rse)
+    paths = {str(ref.id): name for ref, name in zip(expanded, names, strict=True)}
+    by_kind: dict[str, list[DatasetRef]] = defaultdict(list)
+    for ref in expanded:
         kind = rubin_butler or (RAW_FILE if ref.datasetType.name == "raw" else DATA_PRODUCT)
-        meta = {"rubin_butler": kind, "rubin_sidecar": sidecar(ref)}
-        files.append(NewFile(scope, path.relative_to(repo).as_posix(), size, adler, meta))
+        by_kind[kind].append(ref)
     catalog.add_dataset(dataset)
-    for start in range(0, len(files), _REGISTER_BATCH):
-        batch = files[start : start + _REGISTER_BATCH]
-        catalog.register_replicas(rse, batch)
-        catalog.attach(dataset, [f.did for f in batch])
+    for kind, kind_refs in by_kind.items():
+        interface = SiteRucioInterface(
+            client, rse=rse, scope=scope, rse_root=str(root), dtn_url=root.as_uri(),
+            rubin_butler_type=kind, paths=paths,
+        )  # fmt: skip
+        for start in range(0, len(kind_refs), _REGISTER_BATCH):
+            batch = kind_refs[start : start + _REGISTER_BATCH]
+            interface.prefetch_hashes(batch, threads=_CHECKSUM_THREADS)
+            interface.register_as_replicas(dataset.name, batch)
+    registered = {f.name: f for f in client.registered}
+    missing = [name for name in names if name not in registered]
+    if missing:
+        # The package names a file by its path below <rse root>/<scope>/: ours must agree.
+        raise CatalogError(
+            f"lsst-rucio-register named {len(missing)} file(s) otherwise than by their path in "
+            f"the repository, such as {missing[0]!r}"
+        )
+    files = [registered[name] for name in names]
     if close:
         catalog.close(dataset)
     _LOG.info("registered %d file(s) at %s in %s", len(files), rse, dataset)

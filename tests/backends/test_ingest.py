@@ -14,6 +14,7 @@ from typing import Any
 
 import lsst.pipe.base.tests.mocks  # noqa: F401  (mock storage classes in this process)
 import pytest
+import yaml
 from lsst.daf.butler import Butler, DatasetRef, DatasetType
 from lsst.pipe.base.tests.mocks import MockDataset, get_mock_name
 
@@ -37,7 +38,10 @@ from drp_campaign.backends.ingest import (
 )
 from drp_campaign.backends.interfaces import DID, CatalogError, NewFile, file_adler32, rse_name
 from drp_campaign.backends.local.catalog import EmbeddedCatalog
+from drp_campaign.backends.rucio import RucioCatalog, rucio_client
+from drp_campaign.backends.rucio_register import SiteRucioInterface
 
+from .conftest import LocalRucio
 from .test_butler_repos import FILE_SIZE, INSTRUMENT, small_campaign
 
 CAMPAIGN = "dc2-test-small"
@@ -205,6 +209,172 @@ def test_register_datasets_is_lsst_rucio_register(env: Env) -> None:
     assert again == files
     assert len(env.catalog.list_dataset_files(ds)) == len(files)
     assert not env.catalog.get_did(ds).open
+
+
+class _RecordingRucio:
+    """Rucio's ``ReplicaClient`` and ``DIDClient`` as lsst-rucio-register calls them: records."""
+
+    def __init__(self) -> None:
+        self.replicas: dict[tuple[str, str], dict[str, Any]] = {}
+        self.rses: set[str] = set()
+        self.datasets: dict[tuple[str, str], dict[str, Any]] = {}
+        self.attached: dict[tuple[str, str], set[tuple[str, str]]] = {}
+
+    def add_replicas(self, rse: str, files: list[dict[str, Any]]) -> None:
+        self.rses.add(rse)
+        for f in files:
+            self.replicas[f["scope"], f["name"]] = f
+
+    def add_dataset(self, scope: str, name: str, statuses: dict[str, Any], rse: str) -> None:
+        self.datasets[scope, name] = statuses
+
+    def add_files_to_datasets(
+        self, attachments: list[dict[str, Any]], ignore_duplicate: bool
+    ) -> None:
+        from rucio.common.exception import DataIdentifierNotFound
+
+        for a in attachments:
+            if (a["scope"], a["name"]) not in self.datasets:
+                raise DataIdentifierNotFound(f"{a['scope']}:{a['name']}")
+            self.attached.setdefault((a["scope"], a["name"]), set()).update(
+                (d["scope"], d["name"]) for d in a["dids"]
+            )
+
+
+def _rucio_register_cli(
+    monkeypatch: pytest.MonkeyPatch, tmp: Path, client: Any, args: list[str], **config: str
+) -> None:
+    """Run lsst-rucio-register's ``rucio-register`` command in-process, on ``client``."""
+    from click.testing import CliRunner
+    from lsst.rucio.register import rucio_interface, script
+
+    # The package builds ReplicaClient() and DIDClient() from the process's rucio.cfg: the one
+    # place the test substitutes its own, so everything else runs as in production.
+    monkeypatch.setattr(rucio_interface, "ReplicaClient", lambda: client)
+    monkeypatch.setattr(rucio_interface, "DIDClient", lambda: client)
+    cfg = tmp / "rucio-register.yaml"
+    cfg.write_text(yaml.safe_dump(config))
+    monkeypatch.delenv("RUCIO_REGISTER_CONFIG", raising=False)
+    result = CliRunner().invoke(script.main, [*args, "--rucio-register-config", str(cfg)])
+    assert result.exit_code == 0, (result.output, result.exception)
+
+
+def test_registration_is_identical_to_the_rucio_register_command(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Rubin's own path: `rucio-register data-products` on the repository below the RSE root.
+    root = env.catalog.rse_root(HUB_RSE)
+    recorder = _RecordingRucio()
+    ds_name = f"{RUN}/calexp"
+    _rucio_register_cli(
+        monkeypatch, env.workdir, recorder,
+        ["data-products", "--repo", str(root / CAMPAIGN), "--collections", RUN, "-d", "calexp",
+         "--rucio-dataset", ds_name],
+        rucio_rse=HUB_RSE, scope=CAMPAIGN, rse_root=str(root), dtn_url=root.as_uri(),
+    )  # fmt: skip
+    assert len(recorder.replicas) == N_VISITS * 9 and recorder.rses == {HUB_RSE}
+    # Ours, into the embedded catalog, from unexpanded refs.
+    ds = DID(CAMPAIGN, ds_name)
+    with open_repo(env.repo("USDF"), writeable=False) as hub:
+        refs = _calexps(hub)
+        files = register_datasets(
+            env.catalog, hub, refs, repo_root=env.repo("USDF"), rse=HUB_RSE, scope=CAMPAIGN,
+            dataset=ds,
+        )  # fmt: skip
+        universe = hub.dimensions
+    # The same DIDs, sizes, checksums, PFNs and metadata, to the byte of the sidecar JSON.
+    assert {(f.scope, f.name) for f in files} == set(recorder.replicas)
+    for f in files:
+        theirs = recorder.replicas[f.scope, f.name]
+        assert (f.bytes, f.adler32) == (theirs["bytes"], theirs["adler32"])
+        (replica,) = env.catalog.list_replicas(f.did)
+        assert replica.path.as_uri() == theirs["pfn"]
+        stored = env.catalog.get_metadata(f.did)
+        assert {k: stored[k] for k in ("rubin_butler", "rubin_sidecar")} == theirs["meta"]
+        assert dict(f.meta) == theirs["meta"]
+        assert theirs["meta"]["rubin_butler"] == DATA_PRODUCT
+        # What the Replica Monitor reads back: the same dataset.
+        ref = DatasetRef.from_json(stored["rubin_sidecar"], universe=universe)
+        assert ref.id in {r.id for r in refs} and ref.dataId.hasRecords()
+    # The same dataset, monotonic, with the same files.
+    assert recorder.datasets == {(CAMPAIGN, ds_name): {"monotonic": True}}
+    assert recorder.attached[CAMPAIGN, ds_name] == {
+        (f.scope, f.name) for f in env.catalog.list_dataset_files(ds)
+    }
+
+
+def test_site_rucio_interface_sets_what_rucio_interface_sets(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from lsst.rucio.register import rucio_interface
+
+    # Its constructor is the one piece of RucioInterface not run (it builds clients from the
+    # process's rucio.cfg): ours must still set every attribute the package's methods may read.
+    client = _RecordingRucio()
+    monkeypatch.setattr(rucio_interface, "ReplicaClient", lambda: client)
+    monkeypatch.setattr(rucio_interface, "DIDClient", lambda: client)
+    kwargs = {"rucio_rse": HUB_RSE, "scope": CAMPAIGN, "rse_root": "/r", "dtn_url": "file:///r"}
+    theirs = rucio_interface.RucioInterface(None, rubin_butler_type=RAW_FILE, **kwargs)
+    ours = SiteRucioInterface(
+        client, rse=HUB_RSE, scope=CAMPAIGN, rse_root="/r", dtn_url="file:///r",
+        rubin_butler_type=RAW_FILE, paths={},
+    )  # fmt: skip
+    assert set(vars(theirs)) <= set(vars(ours))
+    assert {k: v for k, v in vars(ours).items() if k in vars(theirs) and k != "butler"} == {
+        k: v for k, v in vars(theirs).items() if k != "butler"
+    }
+
+
+@pytest.mark.rucio
+def test_registration_in_rucio_is_identical_to_the_rucio_register_command(
+    template: Path, tmp_path: Path, local_rucio: LocalRucio, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    shutil.copytree(template / "repos", tmp_path / "repos", symlinks=True)
+    settings = local_rucio.client_settings(local_rucio.new_vo())
+    catalog = RucioCatalog(rucio_client(settings), tmp_path / "rucio-events.sqlite3")
+    theirs = "rucioregister"  # a second scope on the same repository: same names, other DIDs
+    ensure_site_storage(catalog, tmp_path, "USDF", [CAMPAIGN, theirs])
+    root = catalog.rse_root(HUB_RSE)
+    ds_name = f"{RUN}/calexp"
+    # Rubin's path, with a client of its own on the same Rucio.
+    _rucio_register_cli(
+        monkeypatch, tmp_path, rucio_client(settings),
+        ["data-products", "--repo", str(root / theirs), "--collections", RUN, "-d", "calexp",
+         "--rucio-dataset", ds_name],
+        rucio_rse=HUB_RSE, scope=theirs, rse_root=str(root), dtn_url=root.as_uri(),
+    )  # fmt: skip
+    # Ours, through RucioCatalog.
+    with open_repo(tmp_path / "repos" / "USDF", writeable=False) as hub:
+        register_datasets(
+            catalog, hub, _calexps(hub), repo_root=tmp_path / "repos" / "USDF", rse=HUB_RSE,
+            scope=CAMPAIGN, dataset=DID(CAMPAIGN, ds_name),
+        )  # fmt: skip
+    client = catalog.client
+
+    def registered(scope: str) -> dict[str, tuple[Any, ...]]:
+        """What Rucio holds of each file of the dataset, its PFN relative to the scope's root."""
+        out = {}
+        for f in client.list_files(scope, ds_name):
+            meta = client.get_metadata(scope, f["name"], plugin="ALL")
+            (rep,) = client.list_replicas([{"scope": scope, "name": f["name"]}], schemes=["file"])
+            (pfn,) = rep["rses"][HUB_RSE]
+            prefix = f"{root.as_uri()}/{scope}/"
+            assert pfn.startswith(prefix)
+            out[f["name"]] = (
+                f["bytes"],
+                f["adler32"],
+                meta["rubin_butler"],
+                meta["rubin_sidecar"],
+                pfn.removeprefix(prefix),
+                rep["states"],
+            )
+        return out
+
+    ours = registered(CAMPAIGN)
+    assert len(ours) == N_VISITS * 9
+    assert registered(theirs) == ours
+    for scope in (CAMPAIGN, theirs):
+        assert client.get_metadata(scope, ds_name)["monotonic"] is True
 
 
 # ----------------------------------------------------------------------------------------------
