@@ -412,7 +412,7 @@ class SpecLike(Protocol):
 # Attributes a spec object may carry to say where its YAML lives; relative CSV paths are resolved
 # against it.  The spec module normally resolves paths itself, this is only a fallback.
 _SPEC_DIR_ATTRS = ("base_dir", "spec_dir", "source_dir")
-_SPEC_FILE_ATTRS = ("source_path", "spec_path", "path")
+_SPEC_FILE_ATTRS = ("source", "source_path", "spec_path", "path")
 
 
 def _spec_base_dir(spec: object) -> Path | None:
@@ -434,11 +434,13 @@ def survey_from_spec(spec: SpecLike) -> pd.DataFrame:
     ----------
     spec : `SpecLike`
         Any object whose ``survey`` has ``preset``, ``seed``, ``visits`` and ``visits_csv``.
-        ``visits_csv`` (a path) wins over the preset.  ``visits`` may be a count (int, or a string
-        of digits) for the preset, or, as in the DESIGN example ``{visits: path/to/visits.csv}``,
-        a path to a CSV file.  Relative paths are resolved against the spec's directory when the
+        ``visits_csv`` (a path) wins over the preset and over a path in ``visits``: the spec
+        loader sets it to ``visits`` resolved against the spec's directory.  ``visits`` may be a
+        count (int, or a string of digits) for the preset, or, as in the DESIGN example
+        ``{visits: path/to/visits.csv}``, a path to a CSV file, used when ``visits_csv`` is not
+        set.  Relative paths are resolved against the spec's directory when the
         spec says where it lives (``base_dir``, ``spec_dir``, ``source_dir``, or the parent of
-        ``source_path``, ``spec_path`` or ``path``), else against the working directory.
+        ``source``, ``source_path``, ``spec_path`` or ``path``), else against the working directory.
 
     Returns
     -------
@@ -457,13 +459,12 @@ def survey_from_spec(spec: SpecLike) -> pd.DataFrame:
     if isinstance(raw, str) and raw.strip().isdigit():
         count = int(raw)
     elif isinstance(raw, str | Path):
-        # DESIGN form {visits: path/to/visits.csv}.
-        if csv_path is not None:
-            raise ValueError(
-                f"survey.visits {str(raw)!r} is a path but survey.visits_csv is also set; "
-                "fix: give the CSV in only one of them"
-            )
-        csv_path = Path(raw)
+        # DESIGN form {visits: path/to/visits.csv}. The spec loader always resolves this path
+        # into visits_csv as well, so both being set is the normal case, not a conflict: the
+        # resolved path names the same file and wins. Only a spec object that nobody resolved
+        # (built in code, a duck-typed stand-in) leaves the path to be resolved here.
+        if csv_path is None:
+            csv_path = Path(raw)
     elif raw is not None:
         count = raw
     if csv_path is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import pickle
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -238,3 +239,38 @@ def test_survey_from_spec_csv(tmp_path: Path) -> None:
 def test_survey_from_spec_needs_a_source() -> None:
     with pytest.raises(ValueError, match="neither a preset nor a visits CSV"):
         survey_from_spec(_spec())
+
+
+def test_survey_from_a_loaded_csv_spec(tmp_path: Path) -> None:
+    # The loader keeps survey.visits as written and resolves it into survey.visits_csv: both
+    # set is the normal case. The spec must also give the same table after the round trips
+    # it makes in a run: pickling to a Dask worker, JSON (Prefect parameters), model_copy.
+    from drp_campaign.model.spec import CampaignSpec, load_spec
+
+    df = make_survey("dc2-test-med-1", visits=10)
+    (tmp_path / "data").mkdir()
+    write_visits_csv(df, tmp_path / "data" / "visits.csv")
+    repo = Path(__file__).resolve().parents[2]
+    text = (repo / "deployments" / "campaigns" / "dc2-test-med-1.yaml").read_text()
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text(
+        text.replace("{preset: dc2-test-med-1, seed: 1}", "{visits: data/visits.csv}", 1)
+    )
+    spec = load_spec(spec_path)
+    assert (spec.survey.visits, spec.survey.visits_csv) == (
+        "data/visits.csv",
+        tmp_path / "data" / "visits.csv",
+    )
+    copies = {
+        "loaded": spec,
+        "pickled": pickle.loads(pickle.dumps(spec)),
+        "model_validate": CampaignSpec.model_validate(spec.model_dump()),
+        "json": CampaignSpec.model_validate_json(spec.model_dump_json()),
+        "model_copy": spec.model_copy(update={"instrument": "LSSTComCam"}),
+        # Built in code without the resolved path: resolved against the spec's file.
+        "unresolved": CampaignSpec.model_validate(
+            spec.model_dump(exclude={"survey": {"visits_csv"}})
+        ),
+    }
+    for name, copy in copies.items():
+        pd.testing.assert_frame_equal(survey_from_spec(copy), df, obj=name)
