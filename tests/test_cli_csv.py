@@ -133,6 +133,17 @@ def test_bad_csv_in_a_subprocess_has_no_traceback(tmp_path: Path) -> None:
     assert not (tmp_path / "plan").exists()
 
 
+def test_preset_count_beyond_the_preset_exits_2(tmp_path: Path) -> None:
+    # Not a CSV, but the same check: make_survey's ValueError used to be a traceback in plan.
+    spec = _campaign(tmp_path, survey="{preset: dr1, visits: 300000}")
+    result = CliRunner().invoke(app, ["validate", str(spec)], env={"COLUMNS": "300"})
+    assert result.exit_code == 2, result.output
+    assert (
+        f"error: {spec}: survey.visits: 300000 is not valid: survey preset 'dr1': visits=300000 "
+        "exceeds the 240000 visits of the full list. Fix: ask for at most 240000." in result.output
+    )
+
+
 # ------------------------------------------------------------------------------------ pipeline
 def test_check_pipeline(tmp_path: Path) -> None:
     spec = load_spec(_campaign(tmp_path))
