@@ -62,6 +62,7 @@ from .backends.interfaces import (
     WorkloadState,
     rse_name,
 )
+from .backends.pipeline import pipeline_inputs
 from .backends.qgraph import EmptyGraphError, GraphRequest, build_request, site_selections
 from .backends.repos import (
     CampaignInputs,
@@ -73,7 +74,6 @@ from .backends.repos import (
     classify_inputs,
     ensure_chain,
     mirror_collections,
-    pipeline_inputs,
     repo_root,
 )
 from .ledger import CAMPAIGN, Ledger, StageState
@@ -353,12 +353,18 @@ class CampaignRun:
             The plan summary.
         """
         from .planner import run_plan
+        from .preflight import preflight
 
         def work() -> dict[str, Any]:
+            # The first stage of every run: a bad visits CSV, pipeline file or subset stops the
+            # campaign here (SpecError, naming the key), before any raw is moved.
+            visits = preflight(self.spec)
             address = dask_address
             if address is None and self.client is not None:
                 address = self.client.scheduler.address
-            result = run_plan(self.spec, self.plan_dir, dask_address=address, workers=workers)
+            result = run_plan(
+                self.spec, self.plan_dir, visits=visits, dask_address=address, workers=workers
+            )
             return {"out_dir": str(result.out_dir), **result.summary}
 
         if not (self.plan_dir / "visits.parquet").exists():

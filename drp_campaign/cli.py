@@ -28,15 +28,31 @@ err_console = Console(stderr=True)
 EXIT_USAGE = 2
 
 
+def _spec_error(exc: SpecError) -> typer.Exit:
+    # The message names file, key, value and fix; a traceback would only hide it.
+    err_console.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True, soft_wrap=True)
+    return typer.Exit(EXIT_USAGE)
+
+
 def _load(spec_path: Path) -> Any:
     try:
         return load_spec(spec_path)
     except SpecError as exc:
-        # The message names file, key, value and fix; a traceback would only hide it.
-        err_console.print(
-            f"[bold red]error:[/] {exc}", highlight=False, markup=True, soft_wrap=True
-        )
-        raise typer.Exit(EXIT_USAGE) from None
+        raise _spec_error(exc) from None
+
+
+def _checked(spec_path: Path) -> tuple[Any, Any]:
+    """Load the spec and check what it refers to (`drp_campaign.preflight.preflight`).
+
+    Returns the spec and its visit table; exits 2 on any problem, before anything is written.
+    """
+    from .preflight import preflight
+
+    campaign = _load(spec_path)
+    try:
+        return campaign, preflight(campaign, spec_path)
+    except SpecError as exc:
+        raise _spec_error(exc) from None
 
 
 @app.callback()
@@ -61,7 +77,7 @@ def plan(
     """Plan a campaign: patch partition, visit homes, overlap PVIs, bytes per link."""
     from .planner import run_plan
 
-    campaign = _load(spec)
+    campaign, visits = _checked(spec)
     t0 = time.perf_counter()
     with Progress(
         TextColumn("[bold]{task.description:<10}"),
@@ -82,6 +98,7 @@ def plan(
         result = run_plan(
             campaign,
             out,
+            visits=visits,
             dask_address=dask_address,
             workers=workers,
             chunk_visits=chunk,
@@ -136,10 +153,11 @@ def _print_summary(s: dict[str, Any], seconds: float, out: Path) -> None:
 
 @app.command()
 def validate(spec: Annotated[Path, typer.Argument(help="Campaign spec YAML.")]) -> None:
-    """Check a campaign spec and print what it asks for."""
-    campaign = _load(spec)
+    """Check a campaign spec, its visits and its pipeline, and print what it asks for."""
+    campaign, visits = _checked(spec)
     console.print(
-        f"{spec}: OK: campaign {campaign.campaign}, {len(campaign.sites)} sites "
+        f"{spec}: OK: campaign {campaign.campaign}, {len(visits):,} visits, "
+        f"{len(campaign.sites)} sites "
         f"({', '.join(campaign.site_names)}), hub {campaign.hub}, "
         f"{len(campaign.steps)} steps ({', '.join(campaign.step_names)})"
     )
@@ -230,7 +248,9 @@ def run(
     ] = True,
 ) -> None:
     """Run a whole campaign (the drp-campaign flow) on the Prefect server of PREFECT_API_URL."""
-    campaign = _load(spec)
+    # Checked here, before any site is set up or any raw moves; the plan stage checks again
+    # for runs that do not start from this command (served deployments).
+    campaign, _ = _checked(spec)
     if steps:
         unknown = sorted(set(steps) - set(campaign.step_names))
         if unknown:

@@ -250,6 +250,7 @@ def copy_hub_inputs(
         The input chain to build the first step's graph from.
     """
     from .backends.butler import create_repo
+    from .backends.pipeline import pipeline_inputs
     from .backends.repos import (
         adopt_repo,
         calib_associations,
@@ -257,7 +258,6 @@ def copy_hub_inputs(
         classify_inputs,
         ensure_chain,
         mirror_collections,
-        pipeline_inputs,
     )
     from .model.bps import input_chain
 

@@ -133,14 +133,11 @@ def make_campaign_run(
         for site in spec.site_names
     }
     from ..seed import embedded_repos
+    from .repos import EMBEDDED_SOURCE
 
     defaults = embedded_repos(spec, workdir)
     given = {s: r for s, r in (repos or {}).items() if r}
-    sources = {
-        s: "the embedded default (no DataFacility Block for this site)"
-        for s in spec.site_names
-        if s not in given
-    }
+    sources = {s: EMBEDDED_SOURCE for s in spec.site_names if s not in given}
     return CampaignRun(
         spec,
         workdir,

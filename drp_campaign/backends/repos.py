@@ -17,8 +17,8 @@ never writes raws or calibrations into any of them. What it does, per site:
 - everywhere, create the campaign's own input chain ``<campaign>/inputs``.
 
 Rerunning any of it changes nothing. What the pipeline reads is found from the pipeline itself
-(`pipeline_inputs`: its overall inputs), and where each of those lives from the spec's input
-collections (`classify_inputs`), so no dataset type of the DRP is named here.
+(`drp_campaign.backends.pipeline.pipeline_inputs`: its overall inputs), and where each of those
+lives from the spec's input collections (`classify_inputs`), so no DRP dataset type is named here.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ from .butler import has_collection, open_repo, register_run
 from .skymaps import SkymapMismatch, check_registered_skymap
 
 __all__ = [
+    "EMBEDDED_SOURCE",
     "CampaignInputs",
     "RepoError",
     "RepoUnavailable",
@@ -54,7 +55,6 @@ __all__ = [
     "classify_inputs",
     "ensure_chain",
     "mirror_collections",
-    "pipeline_inputs",
     "repo_root",
 ]
 
@@ -66,16 +66,30 @@ class RepoError(RuntimeError):
     """A repository is not what the campaign needs; the message names it, what and the fix."""
 
 
+# Where a site's repository comes from when no DataFacility Block names one.
+EMBEDDED_SOURCE = "the embedded default (no DataFacility Block for this site)"
+
+
 class RepoUnavailable(RepoError):
     """A site's repository cannot be opened."""
 
     def __init__(self, site: str, uri: str, block: str, cause: BaseException | str) -> None:
         self.site, self.uri, self.block = site, uri, block
+        if block == EMBEDDED_SOURCE:
+            # Nobody wrote a Block: the operator most likely forgot to seed the demo.
+            fix = (
+                f"It is {block}: seed the embedded default's repositories first "
+                "('drp-campaign seed SPEC --workdir WORKDIR'), or save a DataFacility Block "
+                f"for {site} whose 'butler_repo' names its repository."
+            )
+        else:
+            fix = (
+                f"Fix 'butler_repo' in the Block {block} (a repository directory, its "
+                "butler.yaml or any URI daf_butler opens), or create the repository there "
+                f"('butler create {uri}')."
+            )
         super().__init__(
-            f"the Butler repository of site {site} cannot be opened: {uri} ({cause}). "
-            f"Fix 'butler_repo' in the Block {block} (a repository directory, its butler.yaml "
-            "or any URI daf_butler opens), or create the repository there "
-            f"('butler create {uri}')."
+            f"the Butler repository of site {site} cannot be opened: {uri} ({cause}). {fix}"
         )
 
 
@@ -132,29 +146,6 @@ def check_repo(site: str, uri: str, block: str) -> None:
 
 
 # ------------------------------------------------------------------------------- the pipeline
-def pipeline_inputs(pipeline_uri: str, subsets: Sequence[str]) -> list[str]:
-    """The overall inputs of the campaign's steps: what no task of them produces.
-
-    Parameters
-    ----------
-    pipeline_uri : `str`
-        The pipeline YAML.
-    subsets : sequence of `str`
-        The steps' subset labels.
-
-    Returns
-    -------
-    names : `list` [`str`]
-        Dataset type names, prerequisites included, sorted.
-    """
-    import lsst.pipe.base.tests.mocks  # noqa: F401  (the emulated tasks' storage classes)
-    from lsst.pipe.base import Pipeline
-
-    labels = ",".join(dict.fromkeys(subsets))
-    graph = Pipeline.from_uri(f"{pipeline_uri}#{labels}").to_graph()
-    return sorted(name for name, _ in graph.iter_overall_inputs())
-
-
 @dataclass(frozen=True)
 class CampaignInputs:
     """Where the pipeline's overall inputs are at the hub, by kind.

@@ -29,7 +29,7 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Self
+from typing import TYPE_CHECKING, Any, Literal, Self
 
 import yaml
 from pydantic import (
@@ -43,6 +43,9 @@ from pydantic import (
 )
 
 from .skyconfig import CELL_BORDER, CELL_INNER, builder_defaults, cell_layout
+
+if TYPE_CHECKING:
+    from .survey import VisitsCsvError
 
 __all__ = [
     "INSTRUMENTS",
@@ -63,6 +66,7 @@ __all__ = [
     "SurveySpec",
     "load_spec",
     "parse_spec",
+    "visits_csv_problem",
 ]
 
 INSTRUMENTS: tuple[str, ...] = ("LSSTCam", "LSSTCam-imSim", "LSSTComCam")
@@ -337,6 +341,13 @@ class StepSpec(_Model):
     placement: Literal["per-site", "gather"]
 
 
+# What the emulated DRP pipeline (pipelines/DRP-mock.yaml) calls its temporaries and its PVI:
+# only the defaults of the spec keys ``temporaries`` and ``pvi``; a real pipeline's spec names
+# its own (drp_pipe: post_isr_image, direct_warp, psf_matched_warp; preliminary_visit_image).
+EMULATED_TEMPORARIES: tuple[str, ...] = ("postISRCCD", "directWarp", "psfMatchedWarp")
+EMULATED_PVI = "pvi"
+
+
 class CampaignSpec(_Model):
     """A whole campaign spec (DESIGN.md section 7)."""
 
@@ -351,11 +362,12 @@ class CampaignSpec(_Model):
     steps: list[StepSpec] = Field(min_length=1)
     inputs: InputsSpec = InputsSpec()
     # Dataset types that never leave the site that made them (DESIGN.md section 5); the
-    # pipeline's, so the spec says them: nothing in the engine names a DRP dataset type.
-    temporaries: tuple[str, ...] = Field(default=(), strict=False)
+    # pipeline's, so the spec says them and the engine names none. The default is the emulated
+    # pipeline's, which the shipped specs run.
+    temporaries: tuple[str, ...] = Field(default=EMULATED_TEMPORARIES, strict=False)
     # The pipeline's processed visit image: the overlap transfers the plan predicts, which the
-    # milestone report compares one by one with what moved (unchecked if not named).
-    pvi: str | None = Field(default=None, min_length=1)
+    # milestone report compares one by one with what moved (unchecked if null).
+    pvi: str | None = Field(default=EMULATED_PVI, min_length=1)
     source: Path | None = Field(default=None, strict=False)
 
     @model_validator(mode="after")
@@ -1024,33 +1036,34 @@ def _resolve_pipeline(yaml_name: str, base: Path) -> Path:
     return (root if root is not None else base) / relative
 
 
+def visits_csv_problem(error: VisitsCsvError, value: object) -> Problem:
+    """The `Problem` at ``survey.visits`` for a bad visits CSV.
+
+    Parameters
+    ----------
+    error : `drp_campaign.model.survey.VisitsCsvError`
+        What `drp_campaign.model.survey.read_visits_csv` (or the header check) found.
+    value : `object`
+        ``survey.visits`` as the spec gives it.
+
+    Returns
+    -------
+    problem : `Problem`
+        Naming the CSV file, its line and column, and the fix.
+    """
+    return Problem("survey.visits", f"{error.where}: {error.problem}", f"{error.fix}.", value=value)
+
+
 def _check_visits_csv(path: Path, value: str) -> Problem | None:
-    expected = ",".join(VISITS_CSV_COLUMNS)
-    if not path.is_file():
-        return Problem(
-            "survey.visits",
-            f"file not found: {path}",
-            "give the path of the visits CSV relative to the spec file.",
-            value=value,
-        )
+    # Only the header: the loader runs wherever a spec is loaded (every flow, every task), and
+    # the whole file is checked once, before a run or plan starts (read_visits_csv). Imported
+    # here: the survey module brings pandas, which loading a spec does not otherwise need.
+    from .survey import VisitsCsvError, check_visits_csv_header
+
     try:
-        with path.open(encoding="utf-8-sig", newline="") as stream:
-            header = stream.readline().strip()
-    except (OSError, UnicodeDecodeError) as exc:
-        return Problem(
-            "survey.visits",
-            f"cannot read {path}: {exc}",
-            f"make it a readable UTF-8 CSV whose header is '{expected}'.",
-            value=value,
-        )
-    columns = [column.strip() for column in header.split(",")]
-    if tuple(columns) != VISITS_CSV_COLUMNS:
-        return Problem(
-            "survey.visits",
-            f"the CSV header is {header!r} but must be exactly '{expected}'",
-            f"make the first line of {path.name} '{expected}' (ra, dec and rotation in degrees).",
-            value=value,
-        )
+        check_visits_csv_header(path)
+    except VisitsCsvError as error:
+        return visits_csv_problem(error, value)
     return None
 
 

@@ -17,7 +17,9 @@ numpy, pandas and the standard library only.
 
 from __future__ import annotations
 
+import codecs
 import csv
+import io
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -34,6 +36,8 @@ __all__ = [
     "PRESETS",
     "SpecLike",
     "SurveySpecLike",
+    "VisitsCsvError",
+    "check_visits_csv_header",
     "make_survey",
     "read_visits_csv",
     "survey_from_spec",
@@ -252,8 +256,133 @@ def make_survey(preset: str, seed: int = 1, visits: int | None = None) -> pd.Dat
 
 
 # ------------------------------------------------------------------------------------------- CSV
-def _csv_error(path: Path, line: int, problem: str, fix: str) -> ValueError:
-    return ValueError(f"{path}: line {line}: {problem}; fix: {fix}")
+# Visit ids become Butler dimension values (int64); larger ids would overflow the table.
+_MAX_VISIT = 2**63 - 1
+_HEADER = ",".join(COLUMNS)
+_PATH_FIX = "check the path; survey.visits in a spec is relative to the spec file"
+_HEADER_FIX = f"make the first line exactly '{_HEADER}' (ra, dec and rotation in degrees)"
+
+
+class VisitsCsvError(ValueError):
+    """A visits CSV cannot be read or has an invalid line.
+
+    The message is ``"{path}: line {line}, column '{column}': {problem}; fix: {fix}"``; the
+    line and column parts are left out when they do not apply (a file that cannot be read has
+    no line, a line with too many fields no single column).
+
+    Parameters
+    ----------
+    path : `pathlib.Path`
+        The CSV file.
+    line : `int` or `None`
+        1-based line number in the file (the header is line 1).
+    column : `str` or `None`
+        The column at fault, one of `COLUMNS`.
+    problem : `str`
+        What is wrong, without a trailing period.
+    fix : `str`
+        What to change, without a trailing period.
+    """
+
+    def __init__(
+        self, path: Path, line: int | None, column: str | None, problem: str, fix: str
+    ) -> None:
+        self.path = Path(path)
+        self.line = line
+        self.column = column
+        self.problem = problem
+        self.fix = fix
+        super().__init__(str(self))
+
+    @property
+    def where(self) -> str:
+        """``"{path}: line {line}, column '{column}'"``, without the parts that do not apply."""
+        parts = [f"line {self.line}"] if self.line is not None else []
+        if self.column is not None:
+            parts.append(f"column {self.column!r}")
+        return f"{self.path}: {', '.join(parts)}" if parts else str(self.path)
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.problem}; fix: {self.fix}"
+
+    def __reduce__(self) -> tuple[object, ...]:
+        # Picklable with its fields (a Dask worker or a Prefect task may raise it).
+        return (type(self), (self.path, self.line, self.column, self.problem, self.fix))
+
+
+def _header_error(path: Path, header: list[str] | None, more: bool) -> VisitsCsvError | None:
+    """The problem with a CSV's header fields, naming the first column at fault, or `None`.
+
+    ``header`` is the fields of line 1 (`None` for a file without lines); ``more`` says whether
+    anything but blank lines follows it.
+    """
+    if header is None or not any(field.strip() for field in header):
+        if more:
+            return VisitsCsvError(
+                path,
+                1,
+                None,
+                "the first line is blank",
+                f"{_HEADER_FIX}, with no blank line before it",
+            )
+        return VisitsCsvError(
+            path, 1, None, "the file is empty", f"{_HEADER_FIX}, then add one line per visit"
+        )
+    got = [field.strip() for field in header]
+    if got == list(COLUMNS):
+        return None
+    shown = repr(",".join(got))
+    for name in got:
+        if got.count(name) > 1:
+            return VisitsCsvError(
+                path, 1, name, f"appears twice in the header {shown}", _HEADER_FIX
+            )
+    missing = [name for name in COLUMNS if name not in got]
+    if missing:
+        return VisitsCsvError(
+            path, 1, missing[0], f"is missing from the header {shown}", _HEADER_FIX
+        )
+    extra = [name for name in got if name not in COLUMNS]
+    if extra:
+        return VisitsCsvError(
+            path,
+            1,
+            extra[0],
+            f"is not a visits column (the header is {shown})",
+            f"remove the column; {_HEADER_FIX}",
+        )
+    # Same names in another order: a column read by position would be misread.
+    first = next(want for want, have in zip(COLUMNS, got, strict=True) if want != have)
+    return VisitsCsvError(
+        path, 1, first, f"the header {shown} has the columns in the wrong order", _HEADER_FIX
+    )
+
+
+def _read_text(path: Path) -> str:
+    """The whole file as text, or the `VisitsCsvError` saying why it cannot be read."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise VisitsCsvError(path, None, None, "file not found", _PATH_FIX) from None
+    except IsADirectoryError:
+        raise VisitsCsvError(path, None, None, "is a directory, not a file", _PATH_FIX) from None
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise VisitsCsvError(
+            path, None, None, f"cannot read the file: {reason}", "make the file readable"
+        ) from None
+    if data.startswith(codecs.BOM_UTF8):  # spreadsheets write one; it is not part of the header
+        data = data[len(codecs.BOM_UTF8) :]
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise VisitsCsvError(
+            path,
+            data.count(b"\n", 0, exc.start) + 1,
+            None,
+            f"byte {data[exc.start]:#04x} is not UTF-8 text",
+            "save the file as UTF-8 (or plain ASCII) CSV",
+        ) from None
 
 
 def _parse_float(path: Path, line: int, name: str, text: str, unit_hint: str) -> float:
@@ -261,14 +390,62 @@ def _parse_float(path: Path, line: int, name: str, text: str, unit_hint: str) ->
     try:
         value = float(text)
     except ValueError:
-        raise _csv_error(
-            path, line, f"{name} {text!r} is not a number", f"write {name} as {unit_hint}"
+        raise VisitsCsvError(
+            path, line, name, f"{text!r} is not a number", f"write {name} as {unit_hint}"
         ) from None
     if not math.isfinite(value):
-        raise _csv_error(
-            path, line, f"{name} {text!r} is not finite", f"write {name} as {unit_hint}"
+        raise VisitsCsvError(
+            path, line, name, f"{text!r} is not finite", f"write {name} as {unit_hint}"
         )
     return value
+
+
+def check_visits_csv_header(path: Path) -> None:
+    """Check that a visits CSV can be opened and has the right header, reading only line 1.
+
+    The spec loader calls this on every load (cheap); `read_visits_csv` checks every line.
+
+    Parameters
+    ----------
+    path : `pathlib.Path`
+        The CSV file.
+
+    Raises
+    ------
+    VisitsCsvError
+        If the file cannot be read or its header is not exactly ``visit,band,ra,dec,rotation``.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise VisitsCsvError(path, None, None, "is a directory, not a file", _PATH_FIX)
+    try:
+        with path.open("rb") as fh:
+            first = fh.readline()
+            # Only needed to tell an empty file from one with a blank first line.
+            rest = fh.read(1 << 16) if not first.strip() else b""
+    except FileNotFoundError:
+        raise VisitsCsvError(path, None, None, "file not found", _PATH_FIX) from None
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise VisitsCsvError(
+            path, None, None, f"cannot read the file: {reason}", "make the file readable"
+        ) from None
+    if first.startswith(codecs.BOM_UTF8):
+        first = first[len(codecs.BOM_UTF8) :]
+    try:
+        text = first.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise VisitsCsvError(
+            path,
+            1,
+            None,
+            f"byte {first[exc.start]:#04x} is not UTF-8 text",
+            "save the file as UTF-8 (or plain ASCII) CSV",
+        ) from None
+    header = next(csv.reader([text]), None)
+    error = _header_error(path, header, bool(text.strip()) or bool(rest.strip()))
+    if error is not None:
+        raise error
 
 
 def read_visits_csv(path: Path) -> pd.DataFrame:
@@ -277,8 +454,8 @@ def read_visits_csv(path: Path) -> pd.DataFrame:
     Parameters
     ----------
     path : `pathlib.Path`
-        CSV file with the header ``visit,band,ra,dec,rotation`` (exactly these columns, in this
-        order) and one visit per line; angles in degrees.  Blank lines are ignored.
+        UTF-8 CSV file with the header ``visit,band,ra,dec,rotation`` (exactly these columns, in
+        this order) and one visit per line; angles in degrees.  Blank lines are ignored.
 
     Returns
     -------
@@ -287,76 +464,99 @@ def read_visits_csv(path: Path) -> pd.DataFrame:
 
     Raises
     ------
-    ValueError
-        On the first problem in file order, as ``"{path}: line {n}: {problem}; fix: {fix}"``
-        with ``n`` the 1-based line number (the header is line 1): wrong header, wrong number of
-        fields, a visit that is not an integer or repeats an earlier one, a band not in
-        ``ugrizy``, ra outside [0, 360), dec outside [-90, 90], a non-numeric or non-finite value,
-        or a file without visits.
-    FileNotFoundError
-        If the file does not exist.
+    VisitsCsvError
+        On the first problem in file order, naming the file, the 1-based line (the header is
+        line 1), the column and the fix: a file that cannot be read or is not UTF-8, an empty
+        file, a missing, extra, repeated or misplaced column, a line with the wrong number of
+        fields, a visit that is not a non-negative integer or repeats an earlier one, a band not
+        in ``ugrizy``, ra outside [0, 360), dec outside [-90, 90], a non-numeric or non-finite
+        value, or a file without visits.
     """
     path = Path(path)
-    expected = ",".join(COLUMNS)
+    text = _read_text(path)
     visit: list[int] = []
     band: list[str] = []
     ra: list[float] = []
     dec: list[float] = []
     rot: list[float] = []
     first_line_of: dict[int, int] = {}
-    with path.open(newline="", encoding="utf-8") as fh:
-        reader = csv.reader(fh)
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
         header = next(reader, None)
-        got = [h.strip() for h in header] if header is not None else []
-        if got != list(COLUMNS):
-            raise _csv_error(
-                path,
-                1,
-                f"columns are {','.join(got) or '(none)'!r}, expected exactly {expected!r}",
-                f"make the first line '{expected}'",
-            )
+        error = _header_error(path, header, bool(text.strip()))
+        if error is not None:
+            raise error
         for row in reader:
             line = reader.line_num
             if not row or all(not f.strip() for f in row):
                 continue
-            if len(row) != len(COLUMNS):
-                raise _csv_error(
+            if len(row) < len(COLUMNS):
+                raise VisitsCsvError(
                     path,
                     line,
-                    f"expected {len(COLUMNS)} fields ({expected}), found {len(row)}",
-                    "write one visit per line with exactly these fields",
+                    COLUMNS[len(row)],
+                    f"the line has {len(row)} fields, so no {COLUMNS[len(row)]}",
+                    f"give all {len(COLUMNS)} fields, {_HEADER}",
+                )
+            if len(row) > len(COLUMNS):
+                raise VisitsCsvError(
+                    path,
+                    line,
+                    None,
+                    f"the line has {len(row)} fields, more than the {len(COLUMNS)} columns "
+                    f"{_HEADER}",
+                    "remove the extra fields (a ',' inside a value needs quotes)",
                 )
             v_text, b_text, ra_text, dec_text, rot_text = (f.strip() for f in row)
             try:
                 v = int(v_text)
             except ValueError:
-                raise _csv_error(
-                    path, line, f"visit {v_text!r} is not an integer", "use integer visit ids"
+                raise VisitsCsvError(
+                    path, line, "visit", f"{v_text!r} is not an integer", "use integer visit ids"
                 ) from None
-            if v in first_line_of:
-                raise _csv_error(
+            if not 0 <= v <= _MAX_VISIT:
+                raise VisitsCsvError(
                     path,
                     line,
-                    f"visit {v} repeats line {first_line_of[v]}",
-                    "give every visit a unique id",
+                    "visit",
+                    f"{v} is outside [0, 2**63)",
+                    "use the instrument's non-negative visit ids",
+                )
+            if v in first_line_of:
+                raise VisitsCsvError(
+                    path,
+                    line,
+                    "visit",
+                    f"{v} repeats line {first_line_of[v]}",
+                    "give every visit a unique id (remove or renumber one of the two lines)",
                 )
             first_line_of[v] = line
             if b_text not in BANDS:
-                raise _csv_error(
+                hint = f" (did you mean {b_text.lower()!r}?)" if b_text.lower() in BANDS else ""
+                raise VisitsCsvError(
                     path,
                     line,
-                    f"band {b_text!r} is not one of {', '.join(BANDS)}",
+                    "band",
+                    f"{b_text!r} is not one of {', '.join(BANDS)}{hint}",
                     "use a single lower-case band letter from ugrizy",
                 )
             r = _parse_float(path, line, "ra", ra_text, "degrees in [0, 360)")
             if not 0.0 <= r < 360.0:
-                raise _csv_error(
-                    path, line, f"ra {ra_text} is outside [0, 360)", "wrap ra into [0, 360) degrees"
+                raise VisitsCsvError(
+                    path,
+                    line,
+                    "ra",
+                    f"{ra_text} is outside [0, 360)",
+                    "wrap ra into [0, 360) degrees",
                 )
             d = _parse_float(path, line, "dec", dec_text, "degrees in [-90, 90]")
             if not -90.0 <= d <= 90.0:
-                raise _csv_error(
-                    path, line, f"dec {dec_text} is outside [-90, 90]", "give dec in degrees"
+                raise VisitsCsvError(
+                    path,
+                    line,
+                    "dec",
+                    f"{dec_text} is outside [-90, 90]",
+                    "give dec in degrees, from -90 to 90",
                 )
             t = _parse_float(path, line, "rotation", rot_text, "degrees")
             visit.append(v)
@@ -364,9 +564,13 @@ def read_visits_csv(path: Path) -> pd.DataFrame:
             ra.append(r)
             dec.append(d)
             rot.append(t)
+    except csv.Error as exc:  # e.g. a NUL byte or an unterminated quote
+        raise VisitsCsvError(
+            path, reader.line_num or 1, None, f"not valid CSV: {exc}", "fix the CSV syntax there"
+        ) from None
     if not visit:
-        raise _csv_error(
-            path, 2, "the file has no visits", "add one line per visit after the header"
+        raise VisitsCsvError(
+            path, 2, None, "the file has a header but no visits", "add one line per visit after it"
         )
     return _frame(visit, band, ra, dec, rot)
 
@@ -412,7 +616,7 @@ class SpecLike(Protocol):
 # Attributes a spec object may carry to say where its YAML lives; relative CSV paths are resolved
 # against it.  The spec module normally resolves paths itself, this is only a fallback.
 _SPEC_DIR_ATTRS = ("base_dir", "spec_dir", "source_dir")
-_SPEC_FILE_ATTRS = ("source_path", "spec_path", "path")
+_SPEC_FILE_ATTRS = ("source", "source_path", "spec_path", "path")
 
 
 def _spec_base_dir(spec: object) -> Path | None:
@@ -434,11 +638,13 @@ def survey_from_spec(spec: SpecLike) -> pd.DataFrame:
     ----------
     spec : `SpecLike`
         Any object whose ``survey`` has ``preset``, ``seed``, ``visits`` and ``visits_csv``.
-        ``visits_csv`` (a path) wins over the preset.  ``visits`` may be a count (int, or a string
-        of digits) for the preset, or, as in the DESIGN example ``{visits: path/to/visits.csv}``,
-        a path to a CSV file.  Relative paths are resolved against the spec's directory when the
+        ``visits_csv`` (a path) wins over the preset and over a path in ``visits``: the spec
+        loader sets it to ``visits`` resolved against the spec's directory.  ``visits`` may be a
+        count (int, or a string of digits) for the preset, or, as in the DESIGN example
+        ``{visits: path/to/visits.csv}``, a path to a CSV file, used when ``visits_csv`` is not
+        set.  Relative paths are resolved against the spec's directory when the
         spec says where it lives (``base_dir``, ``spec_dir``, ``source_dir``, or the parent of
-        ``source_path``, ``spec_path`` or ``path``), else against the working directory.
+        ``source``, ``source_path``, ``spec_path`` or ``path``), else against the working directory.
 
     Returns
     -------
@@ -457,13 +663,12 @@ def survey_from_spec(spec: SpecLike) -> pd.DataFrame:
     if isinstance(raw, str) and raw.strip().isdigit():
         count = int(raw)
     elif isinstance(raw, str | Path):
-        # DESIGN form {visits: path/to/visits.csv}.
-        if csv_path is not None:
-            raise ValueError(
-                f"survey.visits {str(raw)!r} is a path but survey.visits_csv is also set; "
-                "fix: give the CSV in only one of them"
-            )
-        csv_path = Path(raw)
+        # DESIGN form {visits: path/to/visits.csv}. The spec loader always resolves this path
+        # into visits_csv as well, so both being set is the normal case, not a conflict: the
+        # resolved path names the same file and wins. Only a spec object that nobody resolved
+        # (built in code, a duck-typed stand-in) leaves the path to be resolved here.
+        if csv_path is None:
+            csv_path = Path(raw)
     elif raw is not None:
         count = raw
     if csv_path is not None:

@@ -391,14 +391,14 @@ BAD: dict[str, tuple[str, str]] = {
     ),
     "csv-columns": (
         edit("{preset: dc2-test-med-1, seed: 1}", "{visits: bad.csv}"),
-        "survey.visits: 'bad.csv' is not valid: the CSV header is 'visit,band,ra,dec' but must "
-        "be exactly 'visit,band,ra,dec,rotation'. Fix: make the first line of bad.csv "
+        "survey.visits: 'bad.csv' is not valid: {dir}/bad.csv: line 1, column 'rotation': is "
+        "missing from the header 'visit,band,ra,dec'. Fix: make the first line exactly "
         "'visit,band,ra,dec,rotation' (ra, dec and rotation in degrees).",
     ),
     "csv-missing": (
         edit("{preset: dc2-test-med-1, seed: 1}", "{visits: missing.csv}"),
-        "survey.visits: 'missing.csv' is not valid: file not found: {dir}/missing.csv. "
-        "Fix: give the path of the visits CSV relative to the spec file.",
+        "survey.visits: 'missing.csv' is not valid: {dir}/missing.csv: file not found. "
+        "Fix: check the path; survey.visits in a spec is relative to the spec file.",
     ),
     "steps-missing": (
         GOOD.split("steps:")[0],
@@ -435,7 +435,7 @@ BAD: dict[str, tuple[str, str]] = {
     "top-level-list": (
         "- campaign: x\n",
         "the top level must be a mapping of the keys campaign, instrument, skymap, survey, hub, "
-        "sites, partition, pipeline, steps, not a list. "
+        "sites, partition, pipeline, steps, inputs, temporaries, pvi, not a list. "
         "Fix: write the spec as in DESIGN.md section 7, starting with 'campaign: <name>'.",
     ),
     "empty-file": (
