@@ -75,12 +75,26 @@ def local(
             "scripts/rucio_local) as the data catalog instead of the embedded one.",
         ),
     ] = None,
+    repo: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--repo",
+            help="SITE=URI: the site's existing Butler repository (directory, butler.yaml or "
+            "any URI daf_butler opens) instead of <workdir>/repos/<site>. Repeatable.",
+        ),
+    ] = None,
 ) -> None:
     """Save an embedded-default DataFacility block for every site of a campaign."""
     try:
         campaign = load_spec(spec)
     except SpecError as exc:
         raise _fail(str(exc), EXIT_USAGE) from None
+    repos: dict[str, str] = {}
+    for item in repo or []:
+        site, sep, uri = item.partition("=")
+        if not sep or not site or not uri:
+            raise _fail(f"--repo {item!r}: give SITE=URI, e.g. --repo FrDF=/data/frdf", EXIT_USAGE)
+        repos[site] = uri
     rucio = None
     if rucio_settings is not None:
         import json
@@ -103,9 +117,13 @@ def local(
             password=client.get("password"),
         )
     try:
-        saved = save_embedded_blocks(campaign, workdir, overwrite=overwrite, rucio=rucio)
+        saved = save_embedded_blocks(
+            campaign, workdir, overwrite=overwrite, rucio=rucio, repos=repos
+        )
     except (NoPrefectAPI, BlockConflict) as exc:
         raise _fail(str(exc)) from None
+    except ValueError as exc:  # a --repo for a site the spec lacks
+        raise _fail(str(exc), EXIT_USAGE) from None
     except httpx.HTTPError as exc:
         raise _api_error(exc) from None
     for entry in saved:

@@ -8,6 +8,7 @@ anyone else can reach (DESIGN.md section 8).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -121,6 +122,7 @@ def save_embedded_blocks(
     *,
     overwrite: bool = False,
     rucio: RucioCredentials | None = None,
+    repos: Mapping[str, str] | None = None,
 ) -> list[SavedBlock]:
     """Save the embedded-default `DataFacility` block of every site of a campaign.
 
@@ -138,6 +140,9 @@ def save_embedded_blocks(
     rucio : `RucioCredentials`, optional
         Use this Rucio as every site's data catalog instead of the embedded one (the local
         Rucio of ``make demo-rucio``).
+    repos : mapping of `str` to `str`, optional
+        Site -> ``butler_repo`` (a directory, a ``butler.yaml`` or any URI daf_butler opens) for
+        the sites whose repositories exist already; the others get ``<workdir>/repos/<site>``.
 
     Returns
     -------
@@ -153,6 +158,12 @@ def save_embedded_blocks(
         If ``PREFECT_API_URL`` is not set.
     """
     require_api_url()
+    unknown = sorted(set(repos or {}) - set(spec.site_names))
+    if unknown:
+        raise ValueError(
+            f"--repo names site(s) {unknown} the campaign does not have; its sites are "
+            + ", ".join(spec.site_names)
+        )
     names: dict[str, str] = {}
     for site in spec.site_names:
         name = data_facility_document_name(spec.campaign, site)
@@ -167,6 +178,8 @@ def save_embedded_blocks(
     plan: list[tuple[str, str, DataFacility, Literal["created", "unchanged", "overwritten"]]] = []
     for name, site in names.items():
         facility = embedded_data_facility(spec, site, workdir)
+        if repos and site in repos:
+            facility = facility.model_copy(update={"butler_repo": str(repos[site])})
         if rucio is not None:
             facility = facility.model_copy(update={"catalog_backend": "rucio", "rucio": rucio})
         try:

@@ -344,6 +344,25 @@ def test_blocks_local(prefect_api: Server, tmp_path: Path) -> None:
     )
 
 
+def test_blocks_local_names_existing_repositories(prefect_api: Server, tmp_path: Path) -> None:
+    spec = load_spec(SPEC)
+    workdir = tmp_path / "work"
+    repo = tmp_path / "frdf-repo" / "butler.yaml"
+    args = ["local", "--spec", str(SPEC), "--workdir", str(workdir), "--overwrite"]
+    result = runner.invoke(app, [*args, "--repo", f"FrDF={repo}"])
+    assert result.exit_code == 0, result.output
+    assert load_data_facility(spec.campaign, "FrDF").butler_repo == str(repo)
+    # The other sites keep the embedded layout.
+    assert load_data_facility(spec.campaign, "UKDF").butler_repo == str(
+        site_repo_root(workdir.resolve(), "UKDF")
+    )
+    unknown = runner.invoke(app, [*args, "--repo", "XXDF=/repo"])
+    assert unknown.exit_code == 2 and "XXDF" in unknown.output and "FrDF" in unknown.output
+    malformed = runner.invoke(app, [*args, "--repo", "FrDF"])
+    assert malformed.exit_code == 2 and "give SITE=URI" in malformed.output
+    assert load_data_facility(spec.campaign, "FrDF").butler_repo == str(repo)
+
+
 def test_blocks_local_bad_spec_and_wrong_auth(prefect_api: Server, tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text(SPEC.read_text().replace("hub: USDF", "hub: XXDF"))
