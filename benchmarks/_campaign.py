@@ -5,6 +5,7 @@ as ``python benchmarks/NAME.py``, so this directory is on ``sys.path``)."""
 from __future__ import annotations
 
 import sqlite3
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,22 @@ def demo_spec(directory: Path, visits: int) -> Path:
     path = directory / f"spec-{visits}.yaml"
     path.write_text(text)
     return path
+
+
+def seed_repos(spec: Path, workdir: Path) -> None:
+    """Seed the embedded default's repositories of ``workdir`` (the observatory's part, not timed).
+
+    Production starts from repositories that already hold the raws, so the benchmarks time the
+    campaign from there too.
+    """
+    done = subprocess.run(
+        [*CLI, "seed", str(spec), "--workdir", str(workdir)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"drp-campaign seed failed (exit {done.returncode}):\n{done.stderr}")
 
 
 def load_average() -> float:

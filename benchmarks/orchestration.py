@@ -53,7 +53,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from _campaign import CLI, ROOT, LedgerRow, demo_spec, ledger_rows, load_average, rounded
+from _campaign import (
+    CLI,
+    ROOT,
+    LedgerRow,
+    demo_spec,
+    ledger_rows,
+    load_average,
+    rounded,
+    seed_repos,
+)
 
 SERVER = [sys.executable, str(ROOT / "scripts" / "prefect_server.py")]
 CORES = os.cpu_count() or 1
@@ -282,6 +291,7 @@ def trivial_flow_s(env: Mapping[str, str]) -> tuple[float, float]:
 def run_plain(spec: Path, base: Path) -> dict[str, Any]:
     """The plain driver in ``base/plain``."""
     work, log = base / "plain", base / "plain.log"
+    seed_repos(spec, work)
     run = run_cli(["run", str(spec), "--workdir", str(work), "--no-prefect", "--no-verify"], log)
     if run.rc != 0:
         raise RuntimeError(f"the plain driver failed (exit {run.rc}):\n{_tail(log)}")
@@ -302,6 +312,7 @@ def run_plain(spec: Path, base: Path) -> dict[str, Any]:
 def run_prefect(spec: Path, base: Path) -> dict[str, Any]:
     """A server in ``base/prefect/prefect``, the flow against it, the API's counts; stop it."""
     work, log = base / "prefect", base / "prefect.log"
+    seed_repos(spec, work)
     home = work / "prefect"
     t0 = time.perf_counter()
     started = subprocess.run(

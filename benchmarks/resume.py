@@ -54,7 +54,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from _campaign import CLI, ROOT, LedgerRow, demo_spec, ledger_rows, load_average, rounded
+from _campaign import (
+    CLI,
+    ROOT,
+    LedgerRow,
+    demo_spec,
+    ledger_rows,
+    load_average,
+    rounded,
+    seed_repos,
+)
 
 from drp_campaign.ledger import pid_alive
 
@@ -374,6 +383,7 @@ def measure(
     if uninterrupted:
         # First, so that the kill points can be spread over the whole campaign's progress.
         fresh = base / "fresh"
+        seed_repos(spec, fresh)
         out = run(fresh, "uninterrupted run")
         _check_run(out, fresh, log, "uninterrupted run")
         total = progress(ledger_rows(fresh))
@@ -393,6 +403,7 @@ def measure(
     points = [(math.ceil(k * stride), rng.uniform(0.0, max_delay)) for k in range(1, kills + 1)]
 
     work = base / "work"
+    seed_repos(spec, work)
     kill_log: list[dict[str, Any]] = []
     figures.update(kills=0, runs=0, kill_points=kill_log)
     t0 = time.monotonic()

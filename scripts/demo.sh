@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Run a whole campaign on a local Prefect server: start the server (home in WORKDIR/prefect),
-# save the sites' Blocks, run the drp-campaign flow, print where the report is, and stop the
+# Run a whole campaign on a local Prefect server: seed the embedded default's repositories (the
+# observatory's part: hub raws, calibrations, skymap; empty site Butlers), start the server (home
+# in WORKDIR/prefect), save the sites' Blocks (naming those repositories), run the drp-campaign flow, print where the report is, and stop the
 # server by PID (unless KEEP_SERVER=1, to look at the runs in the UI).
 #
 #   scripts/demo.sh VENV_BIN SPEC WORKDIR [--rucio]
@@ -12,6 +13,9 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 mkdir -p "$WORKDIR"
 WORKDIR=$(cd "$WORKDIR" && pwd)
 HOME_DIR=$WORKDIR/prefect
+
+# Not a campaign stage: production starts from repositories that already hold all this.
+"$BIN/drp-campaign" seed "$SPEC" --workdir "$WORKDIR"
 
 started=0
 if ! "$BIN/python" "$HERE/prefect_server.py" status --home "$HOME_DIR" >/dev/null 2>&1; then

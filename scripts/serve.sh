@@ -6,7 +6,8 @@
 # start: server on 127.0.0.1 (home WORKDIR/prefect, a generated API auth string kept only in
 # WORKDIR/prefect/env.sh, mode 0600), work pool `drp-campaign`, `prefect deploy` of
 # deployments/prefect.yaml, one worker in the background (PID in WORKDIR/prefect/worker.pid),
-# and the embedded-default DataFacility Blocks of SPEC. stop: the worker, then the server.
+# the embedded default's seeded repositories and the DataFacility Blocks naming them.
+# stop: the worker, then the server.
 set -euo pipefail
 BIN=$1 SPEC=$2 WORKDIR=$3 VERB=$4
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -40,6 +41,7 @@ case "$VERB" in
     DRP_CAMPAIGN_HOME=$ROOT "$BIN/prefect" --no-prompt deploy --all \
       --prefect-file deployments/prefect.yaml
     "$BIN/drp-campaign" blocks register
+    "$BIN/drp-campaign" seed "$SPEC" --workdir "$WORKDIR"
     "$BIN/drp-campaign" blocks local --spec "$SPEC" --workdir "$WORKDIR" --overwrite
     if [ ! -f "$PIDFILE" ] || ! kill -0 "$(cat "$PIDFILE")" 2>/dev/null; then
       PATH="$BIN:$PATH" setsid "$BIN/prefect" worker start --pool drp-campaign --type process \

@@ -29,6 +29,7 @@ from drp_campaign.ledger import CAMPAIGN, Ledger, SiteStepBusy
 from drp_campaign.model.spec import load_spec
 from drp_campaign.planner import dask_client
 from drp_campaign.report.milestone import write_milestone
+from drp_campaign.seed import seed_embedded
 from drp_campaign.verify import reference_and_compare
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -92,6 +93,7 @@ def _run_until(spec: Path, workdir: Path, condition: Callable[[], bool] | None) 
 def test_sigkill_at_five_points_then_resume_equals_single_site(tmp_path: Path) -> None:
     spec_path = _spec_file(tmp_path)
     workdir = tmp_path / "work"
+    seed_embedded(load_spec(spec_path), workdir)  # the observatory's part, never killed
     workdir.mkdir()
 
     def when(step: str, stage: str, states: set[str]) -> Callable[[], bool]:
@@ -165,6 +167,7 @@ def _assert_no_duplicate_runs(run: CampaignRun) -> None:
 def test_site_outage_then_rerun_of_that_site_completes(tmp_path: Path) -> None:
     spec = load_spec(_spec_file(tmp_path))
     workdir = tmp_path / "work"
+    seed_embedded(spec, workdir)
     with dask_client(workers=2) as client:
         run = make_campaign_run(spec, workdir, client)
         run.run_all(["step1", "step2", "step2c"])
@@ -198,6 +201,7 @@ def test_concurrent_runs_of_one_site_step_never_submit_twice(tmp_path: Path) -> 
     spec_path = _spec_file(tmp_path, visits=3)
     spec = load_spec(spec_path)
     workdir = tmp_path / "work"
+    seed_embedded(spec, workdir)
     with dask_client(workers=2) as client:
         run = make_campaign_run(spec, workdir, client)
         run.run_all([])  # plan, set up the sites, distribute the inputs

@@ -52,6 +52,7 @@ from drp_campaign.cli_panda import SettingsError, app, settings_for_site
 from drp_campaign.ledger import StageState
 from drp_campaign.model.spec import load_spec
 from drp_campaign.planner import dask_client
+from drp_campaign.seed import seed_embedded
 from flows.campaign import _cancel_submitted_run, drp_site_step
 
 from .blocks import conftest as blocks_conftest
@@ -111,6 +112,7 @@ def campaign(
     spec_path = _spec_file(tmp, visits=3)
     spec = load_spec(spec_path)
     workdir = tmp / "work"
+    seed_embedded(spec, workdir)
     with dask_client(workers=1) as client:
         run = make_campaign_run(
             spec,

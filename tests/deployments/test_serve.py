@@ -9,7 +9,6 @@ searched for them.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +20,9 @@ from drp_campaign.ledger import Ledger
 from drp_campaign.model.spec import load_spec
 from drp_campaign.planner import dask_client
 from drp_campaign.secrets_scan import scan
+from drp_campaign.seed import seed_embedded
+
+from .helpers import client_env
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 DEMO = ROOT / "deployments" / "campaigns" / "dc2-test-med-1-demo.yaml"
@@ -47,16 +49,6 @@ for site in spec.site_names:
 """
 
 
-def _env(home: Path) -> dict[str, str]:
-    env = dict(os.environ)
-    for line in (home / "env.sh").read_text().splitlines():
-        if line.startswith("export "):
-            key, _, value = line[len("export ") :].partition("=")
-            env[key] = value.strip("'\"")
-    env["PATH"] = f"{BIN}:{env['PATH']}"
-    return env
-
-
 @pytest.mark.slow
 def test_serve_then_rerun_one_step_at_one_site(tmp_path: Path) -> None:
     spec_path = tmp_path / "spec.yaml"
@@ -67,6 +59,7 @@ def test_serve_then_rerun_one_step_at_one_site(tmp_path: Path) -> None:
     )
     spec = load_spec(spec_path)
     workdir = tmp_path / "work"
+    seed_embedded(spec, workdir)
     # The campaign up to step2c, without Prefect: step3 at FrDF is what the operator reruns.
     with dask_client(workers=2) as client:
         run = make_campaign_run(spec, workdir, client)
@@ -77,7 +70,7 @@ def test_serve_then_rerun_one_step_at_one_site(tmp_path: Path) -> None:
     started = subprocess.run([*serve, "start"], capture_output=True, text=True, timeout=600)
     try:
         assert started.returncode == 0, started.stdout + started.stderr
-        env = _env(home)
+        env = client_env(home)
         assert env.get("PREFECT_API_AUTH_STRING"), "make serve must turn API auth on"
         # Without the auth string the API refuses (Block secrets are not readable by anyone
         # reaching the port).
