@@ -1,35 +1,34 @@
-"""Real Butler repositories, one per data facility, populated from our own models.
+"""Real Butler repositories: opening and creating them, and seeding the demo's hub.
 
-Every record that matters for graph building comes from :mod:`drp_campaign.model`, so the Butler
-and the planner agree to the last vertex: detectors from the focal plane model, tract and patch
+The campaign opens the repositories the sites' Blocks name (`drp_campaign.backends.repos`
+checks and adopts them); this module holds the Butler helpers it uses (`open_repo`,
+`register_run`, output chains) and what `drp_campaign.seed` writes to play the observatory: every
+record that matters for graph building comes from :mod:`drp_campaign.model`, so the Butler and
+the planner agree to the last vertex: detectors from the focal plane model, tract and patch
 regions from our `RingsSkyMap` (tract: outer polygon; patch: OUTER polygon and ``cell_x/cell_y`` =
 patch index, exactly what ``lsst.skymap.BaseSkyMap.register`` writes), visit-detector regions from
 ``FocalPlane.detector_polygons``.
 
-Layout and collections (``<inst>`` is the instrument name)
-----------------------------------------------------------
-``<workdir>/repos/<site>/``  one repository per site (SQLite registry by default, or a PostgreSQL
-schema per repository when given a ``postgresql://`` URL).
+What the seeded hub holds (``<inst>`` is the instrument name)
+--------------------------------------------------------------
+The embedded default's repositories are ``<workdir>/repos/<site>/`` (`site_repo_root`; only the
+seed and the embedded Blocks use that layout), SQLite registries by default, or a PostgreSQL
+schema per repository when given a ``postgresql://`` URL. The collections are the spec's default
+``inputs``:
 
 ========================  ============  =====================================================
-``<inst>/raw/all``        RUN           mock raws, one per (exposure, detector); hub only
+``<inst>/raw/all``        RUN           mock raws, one per (exposure, detector)
 ``<inst>/calib/mock``     CALIBRATION   bias (detector) and flat (physical_filter, detector),
                                         certified over an unbounded timespan
 ``<inst>/calib/mock/unbounded``  RUN    the calibration files themselves
 ``<inst>/calib``          CHAINED       ``[<inst>/calib/mock]``
 ``skymaps``               RUN           the ``skyMap`` dataset (a mock; lsst.skymap is not on PyPI)
-``<inst>/defaults``       CHAINED       ``[<inst>/raw/all, <inst>/calib, skymaps]``: the input
-                                        collection of every step's graph
+``<inst>/defaults``       CHAINED       ``[<inst>/raw/all, <inst>/calib, skymaps]``
 ========================  ============  =====================================================
 
-What each site holds at the start
----------------------------------
-Every site gets the dimension records of the *whole* campaign (instrument, detectors, filters,
-every visit/exposure with its regions, the skymap with every tract and patch the plan touches):
-they are cheap (kilobytes per visit), graph building needs them for the visits a site will
-receive later, and a Butler refuses datasets whose dimension records it lacks (``ingest_zip`` even
-fails with a misleading ``ConflictingDefinitionError``). Every site also gets the calibrations and
-the ``skyMap`` dataset. Raws exist only at the hub; the other sites receive theirs by transfer.
+The other sites' repositories start empty; setup copies the dimension records they need from the
+hub, and the raws, calibrations and skymap arrive through the catalog. `populate_site_repos`
+still builds all of them at once for the backend tests that need repositories without a campaign.
 
 Mock datasets
 -------------
