@@ -77,17 +77,17 @@ def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hub]:
 
 def _counts(butler: Butler, hub: Hub) -> dict[str, int]:
     spec = hub.spec
-    return {
-        "detector": len(butler.query_dimension_records("detector", instrument=spec.instrument)),
-        "visit": len(butler.query_dimension_records("visit", instrument=spec.instrument)),
-        "visit_detector_region": len(
-            butler.query_dimension_records("visit_detector_region", instrument=spec.instrument)
-        ),
-        "exposure": len(butler.query_dimension_records("exposure", instrument=spec.instrument)),
-        "patch": len(
-            butler.query_dimension_records("patch", skymap=spec.skymap.name, explain=False)
-        ),
+    by_instrument = ("detector", "visit", "visit_detector_region", "exposure")
+    counts = {
+        element: len(
+            butler.query_dimension_records(element, instrument=spec.instrument, explain=False)
+        )
+        for element in by_instrument
     }
+    counts["patch"] = len(
+        butler.query_dimension_records("patch", skymap=spec.skymap.name, explain=False)
+    )
+    return counts
 
 
 def _adopt(site: Butler, hub_butler: Butler, hub: Hub) -> dict[str, int]:
@@ -117,12 +117,12 @@ def test_adopt_copies_what_a_site_lacks_and_a_rerun_changes_nothing(
         assert adopted["visit"] == 3 and adopted["visit_detector_region"] == 3 * 9
         # The skymap record came with its hash: the same skymap, not one of the same name.
         (record,) = site.query_dimension_records("skymap", skymap=hub.spec.skymap.name)
-        assert bytes(record.hash) == skymap_hash(hub.spec.skymap)
+        assert bytes(record.hash).hex() == skymap_hash(hub.spec.skymap)
         mirrored = mirror_collections(hub_butler, site, inputs.all, label="FrDF")
         assert set(inputs.all) <= set(site.collections.query("*"))
         assert ensure_chain(site, "c/inputs", inputs.all) is True
         # No dataset was written: the inputs arrive through the catalog.
-        assert not site.query_all_datasets(collections="*", find_first=False)
+        assert list(site.registry.queryDatasets(..., collections=...)) == []
 
         _adopt(site, hub_butler, hub)
         assert _counts(site, hub) == adopted
@@ -142,7 +142,7 @@ def test_a_site_skymap_of_another_geometry_is_refused(hub: Hub, tmp_path: Path) 
             _adopt(site, hub_butler, hub)
     message = str(info.value)
     assert "FrDF test repository" in message and repr(hub.spec.skymap.name) in message
-    assert skymap_hash(other).hex() in message and skymap_hash(hub.spec.skymap).hex() in message
+    assert skymap_hash(other) in message and skymap_hash(hub.spec.skymap) in message
     assert "another name" in message
 
 
