@@ -333,7 +333,9 @@ def test_registration_in_rucio_is_identical_to_the_rucio_register_command(
     settings = local_rucio.client_settings(local_rucio.new_vo())
     catalog = RucioCatalog(rucio_client(settings), tmp_path / "rucio-events.sqlite3")
     theirs = "rucioregister"  # a second scope on the same repository: same names, other DIDs
-    ensure_site_storage(catalog, tmp_path, "USDF", [CAMPAIGN, theirs])
+    ensure_site_storage(
+        catalog, tmp_path, "USDF", [CAMPAIGN, theirs], repo_root=tmp_path / "repos" / "USDF"
+    )
     root = catalog.rse_root(HUB_RSE)
     ds_name = f"{RUN}/calexp"
     # Rubin's path, with a client of its own on the same Rucio.
