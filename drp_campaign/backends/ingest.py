@@ -400,8 +400,8 @@ def register_datasets(
     close : `bool`, optional
         Close the dataset afterwards (no more files may be attached).
     rubin_butler : `str`, optional
-        The ``rubin_butler`` type; by default ``raw_file`` for ``raw`` datasets and
-        ``data_product`` for the others.
+        The ``rubin_butler`` type (``RAW_FILE`` for the spec's raws: the caller knows which
+        they are, the dataset type's name does not say); ``data_product`` by default.
 
     Returns
     -------
@@ -443,7 +443,7 @@ def register_datasets(
     paths = {str(ref.id): name for ref, name in zip(expanded, names, strict=True)}
     by_kind: dict[str, list[DatasetRef]] = defaultdict(list)
     for ref in expanded:
-        kind = rubin_butler or (RAW_FILE if ref.datasetType.name == "raw" else DATA_PRODUCT)
+        kind = rubin_butler or DATA_PRODUCT
         by_kind[kind].append(ref)
     catalog.add_dataset(dataset)
     for kind, kind_refs in by_kind.items():

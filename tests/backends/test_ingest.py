@@ -571,7 +571,7 @@ def test_raws_ingest_into_the_defaults_chain(env: Env) -> None:
         raws = hub.query_datasets("raw", collections=names.raw_run, instrument=INSTRUMENT)[:12]
         files = register_datasets(
             env.catalog, hub, raws, repo_root=env.repo("USDF"), rse=env.rses["USDF"]["raw"],
-            scope="raw", dataset=ds, close=True,
+            scope="raw", dataset=ds, close=True, rubin_butler=RAW_FILE,
         )  # fmt: skip
     assert {f.meta["rubin_butler"] for f in files} == {RAW_FILE}
     env.transfer(ds, env.rses["FrDF"]["raw"])
