@@ -411,7 +411,7 @@ def compute_polygon_overlaps(
     centre_ra: npt.ArrayLike,
     centre_dec: npt.ArrayLike,
 ) -> OverlapTable:
-    """Every (visit, detector, tract, patch) whose stored convex region meets the patch outer region.
+    """Every (visit, detector, tract, patch) whose stored convex region meets a patch outer region.
 
     Parameters
     ----------
