@@ -19,7 +19,9 @@ from lsst.daf.butler import Butler
 from lsst.sphgeom import ConvexPolygon, LonLat, UnitVector3d
 from typer.testing import CliRunner
 
+from drp_campaign.backends import registry_survey
 from drp_campaign.backends.registry_survey import (
+    iter_detector_regions,
     register_instrument_records,
     register_visit_regions,
 )
@@ -161,6 +163,28 @@ def test_visit_position_is_the_centre_of_its_region_without_a_boresight(
             got = visits.loc[int(rec.id)]
             assert got["ra"] == pytest.approx(centre.getLon().asDegrees(), abs=1e-12)
             assert got["dec"] == pytest.approx(centre.getLat().asDegrees(), abs=1e-12)
+
+
+def test_pages_grow_to_the_region_target_and_read_every_region_once(
+    registry: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # 6 detectors a visit: a first page of 2 visits (12 regions), then pages of 30 // 6 = 5
+    # visits (30 regions) until the visits run out; an unknown visit id just has no regions.
+    monkeypatch.setattr(registry_survey, "PAGE_REGIONS", 30)
+    visits = [1000 + 2 * i for i in range(N_VISITS)] + [999_999]
+    pages = list(iter_detector_regions(registry, "HSC", visits[::-1], page_visits=2))
+    assert [len(p) for p in pages] == [12, 30, 30, 30, 30, 12]
+    stored = _stored(registry, "HSC")
+    got = {}
+    for page in pages:
+        keys = list(zip(page.visit.tolist(), page.detector.tolist(), strict=True))
+        assert keys == sorted(keys)
+        for i, key in enumerate(keys):
+            lo, hi = page.offsets[i], page.offsets[i + 1]
+            got[key] = np.column_stack([page.ra[lo:hi], page.dec[lo:hi]])
+    assert sorted(got) == sorted(stored)
+    for key, want in stored.items():
+        np.testing.assert_allclose(got[key], want, rtol=0, atol=1e-10)
 
 
 def test_where_selects_visits(registry: Path, tmp_path: Path) -> None:

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import pandas as pd
-from lsst.daf.butler import Butler, ButlerUserError
+from lsst.daf.butler import Butler, ButlerUserError, DataCoordinate
 from lsst.sphgeom import ConvexPolygon, LonLat
 
 from ..model.spec import CampaignSpec, Problem, SpecError, _did_you_mean
@@ -51,9 +51,14 @@ __all__ = [
     "register_visit_regions",
 ]
 
-#: Visits per registry page of detector regions: ~38,000 LSSTCam regions, a few tens of MB of
-#: DimensionRecords while a page is converted to arrays.
+#: Visits in the first registry page of detector regions: ~38,000 LSSTCam regions.
 DEFAULT_PAGE_VISITS = 200
+#: Most visits in one page (one uploaded table of data IDs).
+MAX_PAGE_VISITS = 1_000
+#: Regions a page aims at once the first page shows how many detectors a visit has: a camera with
+#: few detectors then gets pages of more visits (fewer queries, each with its fixed cost of
+#: building and compiling it), while the page's DimensionRecords stay in the tens of MB.
+PAGE_REGIONS = 40_000
 
 # Bytes of one vertex in ConvexPolygon.encode(): three little-endian float64 after a 1-byte tag.
 _VERTEX_BYTES = 24
@@ -317,11 +322,14 @@ def read_registry_visits(spec: CampaignSpec) -> pd.DataFrame:
 
 
 def _page(butler: Butler, instrument: str, visits: Sequence[int]) -> DetectorRegions:
+    # The visits go to the database as an uploaded table of data IDs rather than as a bound
+    # 'visit IN (...)' list; with the larger pages above this read the regions of a
+    # 9-detector camera 5-20 % faster than 200-visit IN-list pages (SQLite, 100,000 visits).
+    group = butler.dimensions.conform(["instrument", "visit"])
+    data_ids = [DataCoordinate.from_required_values(group, (instrument, v)) for v in visits]
     with butler.query() as query:
         records = list(
-            query.dimension_records("visit_detector_region").where(
-                "visit IN (visits)", instrument=instrument, bind={"visits": list(visits)}
-            )
+            query.join_data_coordinates(data_ids).dimension_records("visit_detector_region")
         )
     # A detector without a stored region cannot be planned (nor processed): it has no overlaps.
     records = [r for r in records if r.region is not None]
@@ -366,19 +374,25 @@ def iter_detector_regions(
     visits : array_like
         Visit ids; pages follow their sorted order.
     page_visits : `int`, optional
-        Visits per registry query.
+        Visits in the first registry query; later pages hold about `PAGE_REGIONS` regions.
 
     Yields
     ------
     page : `DetectorRegions`
-        The regions of up to ``page_visits`` visits, sorted by (visit, detector).
+        The regions of one page of visits, sorted by (visit, detector).
     """
     ids = np.unique(np.asarray(visits, dtype=np.int64))
     if ids.size == 0:
         return
     with Butler.from_config(str(uri), writeable=False) as butler:
-        for start in range(0, ids.size, page_visits):
-            yield _page(butler, instrument, [int(v) for v in ids[start : start + page_visits]])
+        start, size = 0, page_visits
+        while start < ids.size:
+            page = _page(butler, instrument, [int(v) for v in ids[start : start + size]])
+            start += size
+            if len(page):
+                # A camera with few detectors gets pages of more visits (fewer queries).
+                size = min(MAX_PAGE_VISITS, max(page_visits, PAGE_REGIONS * size // len(page)))
+            yield page
 
 
 def read_detector_regions(
