@@ -75,10 +75,30 @@ def plan(
     ] = None,
 ) -> None:
     """Plan a campaign: patch partition, visit homes, overlap PVIs, bytes per link."""
-    from .planner import run_plan
-
     campaign, visits = _checked(spec)
     t0 = time.perf_counter()
+    try:
+        result = _plan_with_progress(campaign, visits, out, dask_address, workers, chunk)
+    except SpecError as exc:
+        # A registry survey is read here, not at load: its repository, instrument or query can
+        # still be wrong, and the operator fixes them in the spec as any other spec error.
+        err_console.print(
+            f"[bold red]error:[/] {exc}", highlight=False, markup=True, soft_wrap=True
+        )
+        raise typer.Exit(EXIT_USAGE) from None
+    _print_summary(result.summary, time.perf_counter() - t0, out)
+
+
+def _plan_with_progress(
+    campaign: Any,
+    visits: Any,
+    out: Path,
+    dask_address: str | None,
+    workers: int,
+    chunk: int | None,
+) -> Any:
+    from .planner import run_plan
+
     with Progress(
         TextColumn("[bold]{task.description:<10}"),
         BarColumn(),
@@ -104,7 +124,7 @@ def plan(
             chunk_visits=chunk,
             progress=progress,
         )
-    _print_summary(result.summary, time.perf_counter() - t0, out)
+    return result
 
 
 def _gb(b: float) -> str:

@@ -10,7 +10,7 @@ step whose run is already in the output chain is skipped, so a rerun after a cra
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -111,6 +111,7 @@ def run_single_site(
     progress: StepProgress | None = None,
     quantum_progress: Callable[[int, int, QuantumOutcome], None] | None = None,
     hub: str | None = None,
+    tracts: Sequence[int] | None = None,
 ) -> ReferenceResult:
     """Run every step of ``spec`` on all ``visits`` in one repository.
 
@@ -136,6 +137,9 @@ def run_single_site(
         A campaign's hub repository: the reference's inputs are copied from it (the same
         datasets, by UUID, that the campaign distributes: `copy_hub_inputs`). Without it,
         the repository is seeded with the mock inputs (a standalone yardstick).
+    tracts : sequence of `int`, optional
+        The tracts the visits touch (the campaign's plan knows them, for any instrument); by
+        default computed from our focal-plane model of ``spec.instrument``.
 
     Returns
     -------
@@ -163,7 +167,7 @@ def run_single_site(
         )
         defaults = collections_for(spec.instrument).defaults
     else:
-        defaults = copy_hub_inputs(spec, hub, root, visits, registry_db=registry_db)
+        defaults = copy_hub_inputs(spec, hub, root, visits, registry_db=registry_db, tracts=tracts)
     result = ReferenceResult(repo=root, output=output, setup_s=time.perf_counter() - t0)
     where = step_query(spec.instrument, spec.skymap.name)
     for step in spec.steps:
@@ -224,6 +228,7 @@ def copy_hub_inputs(
     visits: pd.DataFrame,
     *,
     registry_db: str | None = None,
+    tracts: Sequence[int] | None = None,
 ) -> str:
     """Make a repository holding every input of the campaign, copied from its hub (idempotent).
 
@@ -243,6 +248,8 @@ def copy_hub_inputs(
         The campaign's visits.
     registry_db : `str`, optional
         PostgreSQL URL; SQLite if `None`.
+    tracts : sequence of `int`, optional
+        The tracts the visits touch; by default from our focal-plane model.
 
     Returns
     -------
@@ -281,7 +288,7 @@ def copy_hub_inputs(
             instrument=spec.instrument,
             visits=ids,
             skymap=spec.skymap.name,
-            tracts=_tracts_of(spec, visits),
+            tracts=list(tracts) if tracts is not None else _tracts_of(spec, visits),
             label=label,
         )
         mirror_collections(source, dst, inputs.all, label=label)

@@ -8,6 +8,14 @@ Three passes over the chunks, each a ``client.map``:
 3. after the assignment: detector regions with their home, and the transfer rows.
 
 The pure pieces live in :mod:`drp_campaign.model`; this module only sequences them and does I/O.
+
+Detector regions come from our focal-plane model for preset and CSV surveys, and from the
+registry for ``survey: {butler: REPO}`` (`drp_campaign.backends.registry_survey`): there each
+pass-1 task reads its own chunk's ``visit_detector_region`` polygons from the registry, in pages,
+and keeps them in a parquet part for pass 3, so the driver only ever holds the visit table.
+
+``detectors.parquet`` holds each region as a list of [ra, dec] vertices (degrees, the registry's
+order and count for a registry survey; the four corners of the focal-plane model otherwise).
 """
 
 from __future__ import annotations
@@ -29,7 +37,13 @@ import pyarrow.parquet as pq
 
 from .model.assign import assign_visits
 from .model.focalplane import focal_plane
-from .model.overlaps import OverlapTable, compute_overlaps, patch_key, split_patch_key
+from .model.overlaps import (
+    OverlapTable,
+    compute_overlaps,
+    compute_polygon_overlaps,
+    patch_key,
+    split_patch_key,
+)
 from .model.partition import SHARE_TOLERANCE, Partition, partition_patches
 from .model.sky import sky_map_for
 from .model.spec import CampaignSpec, SkymapSpec
@@ -61,6 +75,19 @@ class _Geometry:
     # The whole skymap spec (not only rings and builder), so Dask workers build the same sky.
     skymap: SkymapSpec
     instrument: str
+    # The repository of a registry survey: its detector regions replace the focal-plane model.
+    registry: str | None = None
+
+
+#: Type of the ``region`` column of ``detectors.parquet``: a variable-length list of [ra, dec].
+REGION_TYPE = pa.list_(pa.list_(pa.float64(), 2))
+
+
+def _region_array(offsets: np.ndarray, ra: np.ndarray, dec: np.ndarray) -> pa.Array:
+    """Regions as lists of [ra, dec] vertices, built without Python loops."""
+    flat = pa.array(np.column_stack([ra, dec]).reshape(-1), type=pa.float64())
+    vertices = pa.FixedSizeListArray.from_arrays(flat, 2)
+    return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32), pa.int32()), vertices)
 
 
 @dataclass(frozen=True)
@@ -74,18 +101,66 @@ class PlanResult:
 # --- chunk functions (run on Dask workers; module-level so they pickle by reference) -----------
 
 
-def _overlaps_chunk(
-    geom: _Geometry, chunk: pd.DataFrame, part: str
-) -> tuple[np.ndarray, np.ndarray, int]:
-    sky = sky_map_for(geom.skymap)
-    table = compute_overlaps(
-        sky,
-        focal_plane(geom.instrument),
-        chunk["visit"].to_numpy(),
+def _regions_part(part: str) -> str:
+    """Where pass 1 of a registry survey keeps a chunk's detector regions for pass 3."""
+    return part.replace("overlaps-", "regions-")
+
+
+def _registry_overlaps(geom: _Geometry, chunk: pd.DataFrame, part: str) -> tuple[OverlapTable, int]:
+    """Overlaps of the chunk's stored regions; the regions go to a part in the chunk's order."""
+    from .backends.registry_survey import read_detector_regions
+
+    assert geom.registry is not None
+    visits = chunk["visit"].to_numpy()
+    regions = read_detector_regions(geom.registry, geom.instrument, visits)
+    table = compute_polygon_overlaps(
+        sky_map_for(geom.skymap),
+        regions.visit,
+        regions.detector,
+        regions.offsets,
+        regions.ra,
+        regions.dec,
+        visits,
         chunk["ra"].to_numpy(),
         chunk["dec"].to_numpy(),
-        chunk["rotation"].to_numpy(),
     )
+    # Regions come sorted by (visit, detector); write them in the chunk's (sky) visit order, as
+    # every other file, keeping detectors ascending within a visit.
+    order = np.argsort(pd.Index(visits).get_indexer(regions.visit), kind="stable")
+    counts = np.diff(regions.offsets)[order]
+    starts = regions.offsets[:-1][order]
+    take = np.repeat(starts - np.cumsum(counts) + counts, counts) + np.arange(int(counts.sum()))
+    offsets = np.concatenate([np.zeros(1, np.int64), np.cumsum(counts)])
+    pq.write_table(
+        pa.table(
+            {
+                "visit": regions.visit[order],
+                "detector": regions.detector[order],
+                "region": _region_array(offsets, regions.ra[take], regions.dec[take]),
+            }
+        ),
+        _regions_part(part),
+    )
+    return table, len(regions)
+
+
+def _overlaps_chunk(
+    geom: _Geometry, chunk: pd.DataFrame, part: str
+) -> tuple[np.ndarray, np.ndarray, int, int]:
+    sky = sky_map_for(geom.skymap)
+    if geom.registry is not None:
+        table, n_regions = _registry_overlaps(geom, chunk, part)
+    else:
+        plane = focal_plane(geom.instrument)
+        n_regions = len(chunk) * len(plane.detectors)
+        table = compute_overlaps(
+            sky,
+            plane,
+            chunk["visit"].to_numpy(),
+            chunk["ra"].to_numpy(),
+            chunk["dec"].to_numpy(),
+            chunk["rotation"].to_numpy(),
+        )
     # Rows follow the chunk's (sky) visit order, so concatenated parts do not depend on chunking.
     rank = pd.Index(chunk["visit"].to_numpy()).get_indexer(table.visit)
     order = np.argsort(rank, kind="stable")
@@ -104,7 +179,7 @@ def _overlaps_chunk(
         part,
     )
     keys, counts = np.unique(patch_key(table.tract, table.patch), return_counts=True)
-    return keys, counts, len(table)
+    return keys, counts, len(table), n_regions
 
 
 def _read_part(part: str) -> OverlapTable:
@@ -134,23 +209,33 @@ def _final_chunk(
     """Write the chunk's detector regions and transfer rows; return PVIs per (src, dst) link."""
     n_sites = len(partition.sites)
     visits = chunk["visit"].to_numpy()
-    plane = focal_plane(geom.instrument)
-    corners = plane.corners_sky_many(
-        chunk["ra"].to_numpy(), chunk["dec"].to_numpy(), chunk["rotation"].to_numpy()
-    )
-    n_det = len(plane.detectors)
-    det_ids = np.array([d.id for d in plane.detectors], dtype=np.int16)
     sites = np.asarray(partition.sites)
-    # Regions as lists of [ra, dec] vertices: a fixed-size list array, built without Python loops.
-    flat = pa.array(corners.reshape(-1), type=pa.float64())
-    vertices = pa.FixedSizeListArray.from_arrays(flat, 2)
-    regions = pa.FixedSizeListArray.from_arrays(vertices, 4)
+    if geom.registry is not None:
+        stored = pq.read_table(_regions_part(part))
+        det_visit = stored["visit"].to_numpy()
+        det_ids = stored["detector"].to_numpy()
+        regions = stored["region"].combine_chunks()
+        det_home = home[pd.Index(visits).get_indexer(det_visit)]
+    else:
+        plane = focal_plane(geom.instrument)
+        corners = plane.corners_sky_many(
+            chunk["ra"].to_numpy(), chunk["dec"].to_numpy(), chunk["rotation"].to_numpy()
+        )
+        n_det = len(plane.detectors)
+        det_visit = np.repeat(visits, n_det)
+        det_ids = np.tile(np.array([d.id for d in plane.detectors], dtype=np.int16), visits.size)
+        det_home = np.repeat(home, n_det)
+        regions = _region_array(
+            np.arange(0, 4 * det_visit.size + 1, 4, dtype=np.int64),
+            corners[..., 0].reshape(-1),
+            corners[..., 1].reshape(-1),
+        )
     pq.write_table(
         pa.table(
             {
-                "visit": np.repeat(visits, n_det),
-                "detector": np.tile(det_ids, visits.size),
-                "site": sites[np.repeat(home, n_det)],
+                "visit": det_visit,
+                "detector": det_ids,
+                "site": sites[det_home],
                 "region": regions,
             }
         ),
@@ -319,10 +404,16 @@ def run_plan(
     -------
     result : `PlanResult`
     """
+    registry = (spec.survey.butler_uri or spec.survey.butler) if spec.survey.is_registry else None
     if visits is None:
-        visits = survey_from_spec(spec)
+        if registry is not None:
+            from .backends.registry_survey import read_registry_visits
+
+            visits = read_registry_visits(spec)
+        else:
+            visits = survey_from_spec(spec)
     visits = visits.sort_values("visit", kind="stable").reset_index(drop=True)
-    geom = _Geometry(spec.skymap, spec.instrument)
+    geom = _Geometry(spec.skymap, spec.instrument, registry)
     sites = spec.site_names
     shares = spec.shares
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -360,6 +451,7 @@ def run_plan(
         work = np.zeros(keys.size, dtype=np.int64)
         np.add.at(work, inv, all_counts)
         n_overlaps = int(sum(r[2] for r in first))
+        n_regions = int(sum(r[3] for r in first))
         partition = partition_patches(sky, keys, work, shares, spec.partition.policy)
 
         costs = _run_map(
@@ -430,7 +522,7 @@ def run_plan(
         links,
         n_overlaps,
         n_transfers,
-        len(focal_plane(spec.instrument).detectors),
+        n_regions,
     )
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=False) + "\n")
     if plots:
@@ -449,7 +541,7 @@ def _summary(
     links: np.ndarray,
     n_overlaps: int,
     n_transfers: int,
-    n_det: int,
+    n_regions: int,
 ) -> dict[str, Any]:
     sites = spec.site_names
     pvi = NOMINAL_BYTES["pvi"]
@@ -486,7 +578,7 @@ def _summary(
         },
         "counts": {
             "visits": n_vis,
-            "visit_detectors": n_vis * n_det,
+            "visit_detectors": n_regions,
             "overlaps": n_overlaps,
             "patches": int(partition.keys.size),
             "tracts": int(np.unique(split_patch_key(partition.keys)[0]).size),

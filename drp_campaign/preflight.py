@@ -20,7 +20,7 @@ from .model.survey import VisitsCsvError, survey_from_spec
 __all__ = ["preflight"]
 
 
-def preflight(spec: CampaignSpec, path: str | Path | None = None) -> pd.DataFrame:
+def preflight(spec: CampaignSpec, path: str | Path | None = None) -> pd.DataFrame | None:
     """Check the spec's visit table and pipeline; return the visit table.
 
     Parameters
@@ -32,9 +32,10 @@ def preflight(spec: CampaignSpec, path: str | Path | None = None) -> pd.DataFram
 
     Returns
     -------
-    visits : `pandas.DataFrame`
+    visits : `pandas.DataFrame` or `None`
         The campaign's visit table (`drp_campaign.model.survey.survey_from_spec`), so that a
-        caller that plans need not read the CSV again.
+        caller that plans need not read the CSV again; `None` for a registry survey, which the
+        planner reads (and checks) itself, in pages.
 
     Raises
     ------
@@ -46,7 +47,8 @@ def preflight(spec: CampaignSpec, path: str | Path | None = None) -> pd.DataFram
     problems: list[Problem] = []
     visits: pd.DataFrame | None = None
     try:
-        visits = survey_from_spec(spec)
+        if not spec.survey.is_registry:
+            visits = survey_from_spec(spec)
     except VisitsCsvError as exc:
         problems.append(visits_csv_problem(exc, spec.survey.visits))
     except ValueError as exc:  # make_survey: a count the preset cannot give
@@ -62,5 +64,4 @@ def preflight(spec: CampaignSpec, path: str | Path | None = None) -> pd.DataFram
     problems.extend(check_pipeline(spec))
     if problems:
         raise SpecError(problems, path if path is not None else spec.source)
-    assert visits is not None  # survey_from_spec returned
     return visits

@@ -203,7 +203,12 @@ def reference_and_compare(run: Any) -> Verification:
 
     def work() -> dict[str, Any]:
         result = run_single_site(
-            run.spec, ref_root, run.visits(), run.client, hub=run.repo_uri(run.hub)
+            run.spec,
+            ref_root,
+            run.visits(),
+            run.client,
+            hub=run.repo_uri(run.hub),
+            tracts=run.tracts(),
         )
         return {"n_quanta": result.n_quanta, "wall_s": result.wall_s}
 

@@ -94,7 +94,6 @@ def test_sigkill_at_five_points_then_resume_equals_single_site(tmp_path: Path) -
     spec_path = _spec_file(tmp_path)
     workdir = tmp_path / "work"
     seed_embedded(load_spec(spec_path), workdir)  # the observatory's part, never killed
-    workdir.mkdir()
 
     def when(step: str, stage: str, states: set[str]) -> Callable[[], bool]:
         return lambda: bool(_ledger_state(workdir, step, stage) & states)

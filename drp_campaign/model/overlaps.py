@@ -9,6 +9,12 @@ polygons in the plane, tested with the separating-axis theorem in numpy. This gi
 as ``lsst.sphgeom`` ``relate`` on the same polygons (up to tangency, a set of measure zero), at
 numpy speed instead of one Python call per pair; :func:`brute_force_overlaps` is that sphgeom
 reference and the benchmark's baseline.
+
+The same holds for any convex spherical polygon, which is what a registry stores for each
+``visit_detector_region``: :func:`compute_polygon_overlaps` takes such polygons with any number of
+vertices (padded to the page's largest count by repeating the last vertex, which adds only
+zero-length edges that separate nothing), and :func:`brute_force_polygon_overlaps` is its sphgeom
+reference.
 """
 
 from __future__ import annotations
@@ -25,7 +31,9 @@ from .sky import RingsSkyMap, TractInfo
 __all__ = [
     "OverlapTable",
     "brute_force_overlaps",
+    "brute_force_polygon_overlaps",
     "compute_overlaps",
+    "compute_polygon_overlaps",
     "patch_key",
     "split_patch_key",
 ]
@@ -158,10 +166,11 @@ def _quad_rect_overlap(
     ry0: np.ndarray,
     ry1: np.ndarray,
 ) -> np.ndarray:
-    """Separating-axis test of convex quadrilaterals against axis-aligned rectangles.
+    """Separating-axis test of convex polygons against axis-aligned rectangles.
 
-    ``qx``/``qy`` have shape (n, 4) (vertices in order, either orientation); the rectangles have
-    shape (n,). Returns a boolean array: True where the two overlap.
+    ``qx``/``qy`` have shape (n, k) (vertices in order, either orientation; quadrilaterals from
+    the focal plane, any k from a registry); the rectangles have shape (n,). Returns a boolean
+    array: True where the two overlap.
     """
     # Axes of the rectangle: the quadrilateral's bounding box must meet it.
     hit = (qx.min(axis=1) <= rx1) & (qx.max(axis=1) >= rx0)
@@ -170,8 +179,9 @@ def _quad_rect_overlap(
     # outside one edge. f(c) = e x (c - p) is linear in the corner c, so its largest value over
     # the rectangle is at the corner picked by the signs of the edge vector: one evaluation per
     # edge instead of four. Orientation comes from the signed area, so CW input works too.
-    nx_ = qx[:, _NEXT]
-    ny_ = qy[:, _NEXT]
+    succ = _NEXT if qx.shape[1] == 4 else (np.arange(qx.shape[1]) + 1) % qx.shape[1]
+    nx_ = qx[:, succ]
+    ny_ = qy[:, succ]
     ex = nx_ - qx
     ey = ny_ - qy
     sign = np.where((qx * ny_ - nx_ * qy).sum(axis=1) >= 0.0, 1.0, -1.0)[:, None]
@@ -192,13 +202,14 @@ def _tract_overlaps(
     boxes: _PatchBoxes,
     corners: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Overlaps of detector quadrilaterals (m, 4, 2 [ra, dec]) with one tract's outer patches.
+    """Overlaps of detector polygons (m, k, 2 [ra, dec]) with one tract's outer patches.
 
     Returns (row index into ``corners``, sequential patch) for every overlapping pair.
     """
+    k = corners.shape[1]
     px, py = tract.sky_to_pixel(corners[..., 0], corners[..., 1])
-    px = np.asarray(px, dtype=np.float64).reshape(-1, 4)
-    py = np.asarray(py, dtype=np.float64).reshape(-1, 4)
+    px = np.asarray(px, dtype=np.float64).reshape(-1, k)
+    py = np.asarray(py, dtype=np.float64).reshape(-1, k)
     xmin, xmax = px.min(axis=1), px.max(axis=1)
     ymin, ymax = py.min(axis=1), py.max(axis=1)
     inner, border = float(boxes.inner), float(boxes.border)
@@ -329,6 +340,182 @@ def brute_force_overlaps(
                 for k, pp in enumerate(patch_polys[t]):
                     if not (poly.relate(pp) & DISJOINT):
                         rows.append((int(v), det.id, t, k))
+    if not rows:
+        return OverlapTable.empty()
+    arr = np.array(sorted(set(rows)), dtype=np.int64)
+    return OverlapTable(
+        arr[:, 0],
+        arr[:, 1].astype(np.int16),
+        arr[:, 2].astype(np.int32),
+        arr[:, 3].astype(np.int16),
+    )
+
+
+def _padded_vertices(offsets: np.ndarray, ra: np.ndarray, dec: np.ndarray) -> np.ndarray:
+    """Polygons as (n, k, 2) [ra, dec], k the largest vertex count, short ones padded.
+
+    Padding repeats each polygon's last vertex: the extra edges have zero length, so they add no
+    separating axis and leave the bounding box unchanged.
+    """
+    counts = np.diff(offsets)
+    k = int(counts.max())
+    take = offsets[:-1, None] + np.minimum(np.arange(k)[None, :], counts[:, None] - 1)
+    return np.stack([ra[take], dec[take]], axis=-1)
+
+
+def _angular_distance_deg(
+    ra0: np.ndarray, dec0: np.ndarray, ra1: np.ndarray, dec1: np.ndarray
+) -> np.ndarray:
+    """Great-circle distance in degrees (haversine: accurate at small separations)."""
+    r0, d0, r1, d1 = (np.radians(a) for a in (ra0, dec0, ra1, dec1))
+    h = np.sin((d1 - d0) / 2.0) ** 2 + np.cos(d0) * np.cos(d1) * np.sin((r1 - r0) / 2.0) ** 2
+    return np.degrees(2.0 * np.arcsin(np.sqrt(np.clip(h, 0.0, 1.0))))
+
+
+def _region_reach(
+    region_visit: np.ndarray,
+    offsets: np.ndarray,
+    ra: np.ndarray,
+    dec: np.ndarray,
+    visit: np.ndarray,
+    centre_ra: np.ndarray,
+    centre_dec: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """For each region: the index of its visit, and each visit's reach (degrees).
+
+    The reach is the largest distance from the visit's centre to a vertex of its regions: a
+    circle of that radius contains every region of the visit (each is the convex hull of its
+    vertices, and a cap smaller than a hemisphere is convex), so the tracts near that circle are
+    the only candidates.
+    """
+    order = np.argsort(visit, kind="stable")
+    found = np.searchsorted(visit, region_visit, sorter=order)
+    pos = order[np.minimum(found, visit.size - 1)]
+    if not np.array_equal(visit[pos], region_visit):
+        raise ValueError("a detector region belongs to a visit without a centre")
+    vertex_visit = np.repeat(pos, np.diff(offsets))
+    dist = _angular_distance_deg(centre_ra[vertex_visit], centre_dec[vertex_visit], ra, dec)
+    reach = np.zeros(visit.size, dtype=np.float64)
+    np.maximum.at(reach, vertex_visit, dist)
+    return pos, reach
+
+
+def compute_polygon_overlaps(
+    skymap: RingsSkyMap,
+    region_visit: npt.ArrayLike,
+    region_detector: npt.ArrayLike,
+    offsets: npt.ArrayLike,
+    ra: npt.ArrayLike,
+    dec: npt.ArrayLike,
+    visit: npt.ArrayLike,
+    centre_ra: npt.ArrayLike,
+    centre_dec: npt.ArrayLike,
+) -> OverlapTable:
+    """Every (visit, detector, tract, patch) whose stored convex region meets a patch outer region.
+
+    Parameters
+    ----------
+    skymap : `RingsSkyMap`
+        The sky map.
+    region_visit, region_detector : array_like
+        Visit and detector id of each region.
+    offsets : array_like
+        Region ``i`` has the vertices ``offsets[i]:offsets[i+1]`` (at least 3; a convex
+        spherical polygon with great-circle edges, as `lsst.sphgeom.ConvexPolygon` stores it).
+    ra, dec : array_like
+        Vertices, degrees.
+    visit, centre_ra, centre_dec : array_like
+        One entry per visit of the regions: a point near the visit's regions (its boresight or
+        the centre of its region's bounding circle), degrees. Only used to find candidate tracts.
+
+    Returns
+    -------
+    table : `OverlapTable`
+        Rows sorted by (visit, detector, tract, patch), no duplicates.
+    """
+    rv = np.asarray(region_visit, dtype=np.int64)
+    rd = np.asarray(region_detector, dtype=np.int16)
+    off = np.asarray(offsets, dtype=np.int64)
+    ra_v = np.asarray(ra, dtype=np.float64)
+    dec_v = np.asarray(dec, dtype=np.float64)
+    vis = np.asarray(visit, dtype=np.int64)
+    c_ra = np.asarray(centre_ra, dtype=np.float64)
+    c_dec = np.asarray(centre_dec, dtype=np.float64)
+    if rv.size == 0:
+        return OverlapTable.empty()
+    pos, reach = _region_reach(rv, off, ra_v, dec_v, vis, c_ra, c_dec)
+    corners = _padded_vertices(off, ra_v, dec_v)  # (R, K, 2)
+    by_tract: dict[int, list[int]] = {}
+    for i in np.unique(pos):
+        for t in skymap.tracts_near(float(c_ra[i]), float(c_dec[i]), float(reach[i])):
+            by_tract.setdefault(t, []).append(int(i))
+    order = np.argsort(pos, kind="stable")
+    first = np.searchsorted(pos[order], np.arange(vis.size), side="left")
+    last = np.searchsorted(pos[order], np.arange(vis.size), side="right")
+    out_v: list[np.ndarray] = []
+    out_d: list[np.ndarray] = []
+    out_t: list[np.ndarray] = []
+    out_p: list[np.ndarray] = []
+    for t in sorted(by_tract):
+        near = np.asarray(by_tract[t], dtype=np.int64)
+        idx = np.concatenate([order[first[i] : last[i]] for i in near])
+        rows, seq = _tract_overlaps(skymap[t], _patch_boxes(skymap, t), corners[idx])
+        if rows.size == 0:
+            continue
+        out_v.append(rv[idx[rows]])
+        out_d.append(rd[idx[rows]])
+        out_t.append(np.full(rows.size, t, dtype=np.int32))
+        out_p.append(seq.astype(np.int16))
+    if not out_v:
+        return OverlapTable.empty()
+    v = np.concatenate(out_v)
+    d = np.concatenate(out_d)
+    t_arr = np.concatenate(out_t)
+    p = np.concatenate(out_p)
+    keep = np.lexsort((p, t_arr, d, v))
+    return OverlapTable(v[keep], d[keep], t_arr[keep], p[keep])
+
+
+def brute_force_polygon_overlaps(
+    skymap: RingsSkyMap,
+    region_visit: npt.ArrayLike,
+    region_detector: npt.ArrayLike,
+    offsets: npt.ArrayLike,
+    ra: npt.ArrayLike,
+    dec: npt.ArrayLike,
+) -> OverlapTable:
+    """Reference for :func:`compute_polygon_overlaps`: each region against every patch, sphgeom.
+
+    Candidate tracts are those near each region's own bounding circle, found independently of the
+    visit centres :func:`compute_polygon_overlaps` uses; each region's ConvexPolygon is related to
+    the outer polygon of every patch of those tracts.
+    """
+    rv = np.asarray(region_visit, dtype=np.int64)
+    rd = np.asarray(region_detector, dtype=np.int64)
+    off = np.asarray(offsets, dtype=np.int64)
+    ra_v = np.asarray(ra, dtype=np.float64)
+    dec_v = np.asarray(dec, dtype=np.float64)
+    rows: list[tuple[int, int, int, int]] = []
+    patch_polys: dict[int, list[ConvexPolygon]] = {}
+    for i in range(rv.size):
+        poly = ConvexPolygon(
+            [
+                UnitVector3d(LonLat.fromDegrees(float(a), float(b)))
+                for a, b in zip(ra_v[off[i] : off[i + 1]], dec_v[off[i] : off[i + 1]], strict=True)
+            ]
+        )
+        circle = poly.getBoundingCircle()
+        centre = LonLat(circle.getCenter())
+        radius = circle.getOpeningAngle().asDegrees()
+        near = skymap.tracts_near(centre.getLon().asDegrees(), centre.getLat().asDegrees(), radius)
+        for t in near:
+            if t not in patch_polys:
+                info = skymap[t]
+                n = info.num_patches[0] * info.num_patches[1]
+                patch_polys[t] = [info.patch_outer_polygon(k) for k in range(n)]
+            for k, pp in enumerate(patch_polys[t]):
+                if not (poly.relate(pp) & DISJOINT):
+                    rows.append((int(rv[i]), int(rd[i]), t, k))
     if not rows:
         return OverlapTable.empty()
     arr = np.array(sorted(set(rows)), dtype=np.int64)

@@ -12,6 +12,11 @@ asked with ``check_files=True``, checking that the pipeline YAML exists.
 Path resolution
 ---------------
 ``survey.visits: path/to/visits.csv`` is relative to the directory of the spec file.
+``survey.butler: REPO`` names a Butler repository: a URI with a scheme (``postgresql://...``,
+``s3://...``, ``file://...``) is kept as written; anything else is a path (the repository root or
+its ``butler.yaml``), relative to the directory of the spec file, and is resolved into
+``survey.butler_uri``. The repository is not opened here (this module does no registry I/O):
+``drp_campaign.backends.registry_survey`` does, and reports what it cannot read the same way.
 ``pipeline.yaml`` is looked up relative to the spec's directory first and then in each parent
 directory up to and including the repository root (the nearest ancestor holding a
 ``pyproject.toml``); the first existing file wins. This lets the shipped specs under
@@ -52,6 +57,7 @@ __all__ = [
     "MAX_SITES",
     "SHARE_TOLERANCE",
     "SURVEY_PRESETS",
+    "SURVEY_SOURCES",
     "VISITS_CSV_COLUMNS",
     "CampaignSpec",
     "InputsSpec",
@@ -67,11 +73,16 @@ __all__ = [
     "load_spec",
     "parse_spec",
     "visits_csv_problem",
+    "resolve_butler",
 ]
 
 INSTRUMENTS: tuple[str, ...] = ("LSSTCam", "LSSTCam-imSim", "LSSTComCam")
 SURVEY_PRESETS: tuple[str, ...] = ("dc2-test-med-1", "dp0.2", "dr1")
 VISITS_CSV_COLUMNS: tuple[str, ...] = ("visit", "band", "ra", "dec", "rotation")
+#: The keys of ``survey`` that each name a visit source; a survey has exactly one.
+SURVEY_SOURCES: tuple[str, ...] = ("preset", "visits", "butler")
+# A URI scheme (RFC 3986), as in postgresql://, s3://, file://; a Windows drive letter is a path.
+_URI_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+://")
 MAX_SITES = 8
 SHARE_TOLERANCE = 1e-6  # the messages say "within 1e-6"; keep them in step
 
@@ -241,13 +252,24 @@ class SurveySpec(_Model):
     """Which visits the campaign processes.
 
     Either ``preset`` (optionally with ``visits: <count>`` to sub-sample it) or ``visits:
-    <path to CSV>``; the loader resolves the CSV path into ``visits_csv``.
+    <path to CSV>``; the loader resolves the CSV path into ``visits_csv``. Or ``butler: REPO``
+    (with an optional ``where``, a Butler query expression): the visits and their detector
+    regions exactly as a registry stores them (DESIGN.md section 10); the loader resolves REPO
+    into ``butler_uri``.
     """
 
     preset: Literal["dc2-test-med-1", "dp0.2", "dr1"] | None = None
     seed: int = 1
     visits: int | str | None = None
     visits_csv: Path | None = Field(default=None, strict=False)
+    butler: str | None = Field(default=None, min_length=1)
+    where: str | None = None
+    butler_uri: str | None = None
+
+    @property
+    def is_registry(self) -> bool:
+        """Whether the visits come from a Butler registry (``butler: REPO``)."""
+        return self.butler is not None
 
     @field_validator("visits")
     @classmethod
@@ -261,7 +283,11 @@ class SurveySpec(_Model):
     @model_validator(mode="after")
     def _one_source(self, info: ValidationInfo) -> Self:
         if not _from_loader(info):
-            _raise_if(_survey_problems(self.model_dump(exclude={"visits_csv"}), "survey"))
+            # The registry keys are left out when unset so that messages about the other
+            # sources show the survey as the operator wrote it.
+            unset = {name for name in ("butler", "where") if getattr(self, name) is None}
+            data = self.model_dump(exclude={"visits_csv", "butler_uri", *unset})
+            _raise_if(_survey_problems(data, "survey"))
         return self
 
 
@@ -352,7 +378,9 @@ class CampaignSpec(_Model):
     """A whole campaign spec (DESIGN.md section 7)."""
 
     campaign: str = Field(pattern=r"^[a-z0-9-]+$")
-    instrument: Literal["LSSTCam", "LSSTCam-imSim", "LSSTComCam"]
+    # One of INSTRUMENTS (our focal-plane models) unless the survey is a registry, which carries
+    # its own detector regions: then any instrument registered there. Checked in _cross_problems.
+    instrument: str = Field(min_length=1)
     skymap: SkymapSpec
     survey: SurveySpec
     hub: str
@@ -483,7 +511,7 @@ _ALLOWED_KEYS: dict[str, tuple[str, ...]] = {
         "patch_inner",
         "patch_border",
     ),
-    "survey": ("preset", "seed", "visits"),
+    "survey": ("preset", "seed", "visits", "butler", "where"),
     "sites.*": ("compute_site", "cloud", "share"),
     "partition": ("policy",),
     "pipeline": ("yaml",),
@@ -515,7 +543,9 @@ _HELP: dict[str, _Help] = {
     "instrument": _Help(
         "must be one of " + ", ".join(INSTRUMENTS),
         "instrument: LSSTCam",
-        "set instrument to " + ", ".join(INSTRUMENTS[:-1]) + " or " + INSTRUMENTS[-1] + ".",
+        "set instrument to " + ", ".join(INSTRUMENTS[:-1]) + " or " + INSTRUMENTS[-1] + ", or "
+        "read the survey from a registry ('survey: {butler: REPO}') to plan any instrument "
+        "registered there.",
     ),
     "skymap": _Help(
         "must be a mapping {name, rings, builder} (optionally pixel_scale, tract_overlap, "
@@ -586,6 +616,18 @@ _HELP: dict[str, _Help] = {
         "must be a positive whole number (to sub-sample a preset) or the path of a visits CSV",
         "visits: path/to/visits.csv",
         "give a visit count such as 240000 with a preset, or a CSV path relative to the spec.",
+    ),
+    "survey.butler": _Help(
+        "must be a Butler repository: a path relative to the spec, or a URI",
+        "butler: path/to/repo",
+        "give the repository root (or its butler.yaml) relative to the spec, or a URI such as "
+        "'postgresql://host/db' or 's3://bucket/repo/butler.yaml'.",
+    ),
+    "survey.where": _Help(
+        "must be a Butler query expression",
+        "where: \"band IN ('g', 'r')\"",
+        "write a daf_butler query expression, e.g. \"band = 'r' AND visit > 1000\", or remove "
+        "'where' to take every visit of the instrument.",
     ),
     "hub": _Help(
         "must be the name of one of the sites",
@@ -809,6 +851,18 @@ def _survey_problems(survey: object, key: str) -> list[Problem]:
         return []
     preset = survey.get("preset")
     visits = survey.get("visits")
+    butler = survey.get("butler")
+    if butler is not None:
+        return _registry_survey_problems(survey, key)
+    if survey.get("where") is not None:
+        return [
+            Problem(
+                f"{key}.where",
+                "a query only selects visits of a Butler registry",
+                "add 'butler: path/to/repo' to read the visits from a registry, or remove 'where'.",
+                value=survey.get("where"),
+            )
+        ]
     if preset is None and visits is None:
         return [
             Problem(
@@ -869,9 +923,50 @@ def _skymap_problems(skymap: object, key: str) -> list[Problem]:
     return problems
 
 
+def _registry_survey_problems(survey: Mapping[Any, Any], key: str) -> list[Problem]:
+    """A registry survey (``butler: REPO``) takes no other visit source."""
+    others = [name for name in SURVEY_SOURCES if name != "butler" and survey.get(name) is not None]
+    if others:
+        listed = " and ".join(f"'{name}'" for name in others)
+        return [
+            Problem(
+                key,
+                "give exactly one visit source (preset, visits or butler), not "
+                + " and ".join(["butler", *others]),
+                f"remove {listed} to read the visits from the registry, or remove 'butler' "
+                "(and 'where').",
+                value=dict(survey),
+            )
+        ]
+    where = survey.get("where")
+    if isinstance(where, str) and not where.strip():
+        return [
+            Problem(
+                f"{key}.where",
+                "the query is empty",
+                "remove 'where' to take every visit of the instrument, or write a query such "
+                "as \"band = 'r'\".",
+                value=where,
+            )
+        ]
+    return []
+
+
+def _instrument_problems(data: Mapping[Any, Any]) -> list[Problem]:
+    """Presets and CSVs need one of our focal-plane models; a registry survey does not."""
+    instrument = data.get("instrument")
+    survey = data.get("survey")
+    registry = isinstance(survey, Mapping) and survey.get("butler") is not None
+    if isinstance(instrument, str) and instrument and not registry:
+        if instrument not in INSTRUMENTS:
+            return [_bad_value("instrument", "instrument", instrument)]
+    return []
+
+
 def _cross_problems(data: Mapping[Any, Any]) -> list[Problem]:
     """Rules that span keys. Written against raw data so they run even if other keys are bad."""
     problems: list[Problem] = _skymap_problems(data.get("skymap"), "skymap")
+    problems.extend(_instrument_problems(data))
     sites = data.get("sites")
     if isinstance(sites, Mapping):
         names = list(sites)
@@ -1054,6 +1149,27 @@ def visits_csv_problem(error: VisitsCsvError, value: object) -> Problem:
     return Problem("survey.visits", f"{error.where}: {error.problem}", f"{error.fix}.", value=value)
 
 
+def resolve_butler(repo: str, base: Path) -> str:
+    """Where ``survey.butler`` points: a URI as written, a path resolved against ``base``.
+
+    Parameters
+    ----------
+    repo : `str`
+        The value of ``survey.butler``: a URI with a scheme (``postgresql://``, ``s3://``,
+        ``file://``, ...), or a path to a repository root or its ``butler.yaml``.
+    base : `pathlib.Path`
+        The directory of the spec file.
+
+    Returns
+    -------
+    uri : `str`
+        The URI unchanged, or the absolute path.
+    """
+    if _URI_RE.match(repo):
+        return repo
+    return str((base / Path(repo).expanduser()).resolve())
+
+
 def _check_visits_csv(path: Path, value: str) -> Problem | None:
     # Only the header: the loader runs wherever a spec is loaded (every flow, every task), and
     # the whole file is checked once, before a run or plan starts (read_visits_csv). Imported
@@ -1202,6 +1318,9 @@ def parse_spec(
             csv_problem = _check_visits_csv(csv_path, visits)
             if csv_problem is not None:
                 problems.append(csv_problem)
+
+    if isinstance(survey, dict) and isinstance(survey.get("butler"), str) and survey["butler"]:
+        survey["butler_uri"] = resolve_butler(survey["butler"], base)
 
     pipeline = clean.get("pipeline")
     if isinstance(pipeline, dict) and isinstance(pipeline.get("yaml"), str) and pipeline["yaml"]:

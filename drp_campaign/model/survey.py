@@ -657,6 +657,12 @@ def survey_from_spec(spec: SpecLike) -> pd.DataFrame:
         If neither a preset nor a CSV is given, or from `make_survey` / `read_visits_csv`.
     """
     survey = spec.survey
+    if getattr(survey, "butler", None) is not None:
+        # This module is pure; the registry is read by drp_campaign.backends.registry_survey.
+        raise ValueError(
+            "survey.butler names a registry; fix: read its visits with "
+            "drp_campaign.backends.registry_survey.read_registry_visits"
+        )
     csv_path: Path | None = getattr(survey, "visits_csv", None)
     raw = getattr(survey, "visits", None)
     count: int | None = None

@@ -135,8 +135,12 @@ def plot_partition(plan_dir: Path, sky: RingsSkyMap, instrument: str) -> Path:
         crossing = np.isin(key_d, np.unique(key_x))
         n_pvi = int(crossing.sum())
         idx = np.flatnonzero(crossing)[:: max(1, n_pvi // _MAX_CROSSING_DRAWN)]
-        flat = det["region"].combine_chunks().flatten().flatten().to_numpy()
-        verts = flat.reshape(-1, 4, 2)[idx]
+        # Regions have any number of vertices (a registry's polygons): cut by the list offsets.
+        regions = det["region"].combine_chunks()
+        offsets = regions.offsets.to_numpy()
+        offsets = offsets - offsets[0]
+        flat = regions.flatten().flatten().to_numpy().reshape(-1, 2)
+        verts = [flat[offsets[i] : offsets[i + 1]] for i in idx]
         cross_polys = [np.column_stack([_unwrap(v[:, 0], centre), v[:, 1]]) for v in verts]
         bx.add_collection(
             PolyCollection(
