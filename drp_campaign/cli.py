@@ -217,6 +217,17 @@ def seed(
     if (repo is None) == (workdir is None):
         err_console.print("[bold red]error:[/] give exactly one of --repo DIR or --workdir DIR")
         raise typer.Exit(EXIT_USAGE)
+    if campaign.survey.is_registry:
+        # The seed makes the visits the spec describes; a registry survey reads existing ones.
+        err_console.print(
+            f"[bold red]error:[/] {spec}: survey: its visits come from a registry "
+            f"({campaign.survey.butler}), which already holds them: nothing to seed. Fix: seed "
+            "from a spec whose survey is a preset or a visits CSV, then plan from the seeded "
+            "hub with 'survey: {butler: <hub>}'.",
+            highlight=False,
+            soft_wrap=True,
+        )
+        raise typer.Exit(EXIT_USAGE)
     size = file_size or DEFAULT_FILE_SIZE
     t0 = time.perf_counter()
     if repo is not None:

@@ -50,3 +50,17 @@ def test_status_prints_the_ledger(tmp_path: Path) -> None:
 def _cells(output: str) -> str:
     """The table's text with borders and whitespace removed (cells wrap across lines)."""
     return "".join(ch for ch in output if not ch.isspace() and ch not in "│┃┏┓┗┛┡┩└┘━─┳┻╇╈┼┬┴")
+
+
+def test_seed_refuses_a_registry_survey(tmp_path: Path) -> None:
+    # A registry survey reads visits that exist; seeding would invent others.
+    spec = tmp_path / "spec.yaml"
+    text = DEMO.read_text()
+    survey = next(line for line in text.splitlines() if line.startswith("survey:"))
+    spec.write_text(text.replace(survey, f"survey: {{butler: {tmp_path / 'hub'}}}"))
+    result = CliRunner().invoke(
+        app, ["seed", str(spec), "--repo", str(tmp_path / "hub")], env={"COLUMNS": "300"}
+    )
+    assert result.exit_code == 2, result.output
+    assert "nothing to seed" in result.output and "preset or a visits CSV" in result.output
+    assert not (tmp_path / "hub").exists()
