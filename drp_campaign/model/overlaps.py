@@ -240,6 +240,23 @@ def _tract_overlaps(
     return rows[ok], seq[ok]
 
 
+#: One tract's overlaps: visit and detector of each row, the tract, and each row's patch.
+_TractRows = tuple[np.ndarray, np.ndarray, int, np.ndarray]
+
+
+def _sorted_table(parts: list[_TractRows]) -> OverlapTable:
+    """The tracts' rows as one `OverlapTable`, sorted by (visit, detector, tract, patch)."""
+    parts = [part for part in parts if part[0].size]
+    if not parts:
+        return OverlapTable.empty()
+    v = np.concatenate([part[0] for part in parts])
+    d = np.concatenate([part[1] for part in parts])
+    t = np.concatenate([np.full(part[0].size, part[2], dtype=np.int32) for part in parts])
+    p = np.concatenate([part[3].astype(np.int16) for part in parts])
+    order = np.lexsort((p, t, d, v))
+    return OverlapTable(v[order], d[order], t[order], p[order])
+
+
 def compute_overlaps(
     skymap: RingsSkyMap,
     plane: FocalPlane,
@@ -279,29 +296,14 @@ def compute_overlaps(
     for i in range(visit.size):
         for t in skymap.tracts_near(float(ra[i]), float(dec[i]), radius):
             by_tract.setdefault(t, []).append(i)
-    out_v: list[np.ndarray] = []
-    out_d: list[np.ndarray] = []
-    out_t: list[np.ndarray] = []
-    out_p: list[np.ndarray] = []
+    parts: list[_TractRows] = []
     for t in sorted(by_tract):
         idx = np.asarray(by_tract[t], dtype=np.int64)
         rows, seq = _tract_overlaps(
             skymap[t], _patch_boxes(skymap, t), corners[idx].reshape(-1, 4, 2)
         )
-        if rows.size == 0:
-            continue
-        out_v.append(visit[idx[rows // n_det]])
-        out_d.append(det_ids[rows % n_det])
-        out_t.append(np.full(rows.size, t, dtype=np.int32))
-        out_p.append(seq.astype(np.int16))
-    if not out_v:
-        return OverlapTable.empty()
-    v = np.concatenate(out_v)
-    d = np.concatenate(out_d)
-    t_arr = np.concatenate(out_t)
-    p = np.concatenate(out_p)
-    order = np.lexsort((p, t_arr, d, v))
-    return OverlapTable(v[order], d[order], t_arr[order], p[order])
+        parts.append((visit[idx[rows // n_det]], det_ids[rows % n_det], t, seq))
+    return _sorted_table(parts)
 
 
 def brute_force_overlaps(
@@ -452,28 +454,13 @@ def compute_polygon_overlaps(
     order = np.argsort(pos, kind="stable")
     first = np.searchsorted(pos[order], np.arange(vis.size), side="left")
     last = np.searchsorted(pos[order], np.arange(vis.size), side="right")
-    out_v: list[np.ndarray] = []
-    out_d: list[np.ndarray] = []
-    out_t: list[np.ndarray] = []
-    out_p: list[np.ndarray] = []
+    parts: list[_TractRows] = []
     for t in sorted(by_tract):
         near = np.asarray(by_tract[t], dtype=np.int64)
         idx = np.concatenate([order[first[i] : last[i]] for i in near])
         rows, seq = _tract_overlaps(skymap[t], _patch_boxes(skymap, t), corners[idx])
-        if rows.size == 0:
-            continue
-        out_v.append(rv[idx[rows]])
-        out_d.append(rd[idx[rows]])
-        out_t.append(np.full(rows.size, t, dtype=np.int32))
-        out_p.append(seq.astype(np.int16))
-    if not out_v:
-        return OverlapTable.empty()
-    v = np.concatenate(out_v)
-    d = np.concatenate(out_d)
-    t_arr = np.concatenate(out_t)
-    p = np.concatenate(out_p)
-    keep = np.lexsort((p, t_arr, d, v))
-    return OverlapTable(v[keep], d[keep], t_arr[keep], p[keep])
+        parts.append((rv[idx[rows]], rd[idx[rows]], t, seq))
+    return _sorted_table(parts)
 
 
 def brute_force_polygon_overlaps(
