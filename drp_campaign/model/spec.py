@@ -68,6 +68,7 @@ __all__ = [
     "SiteSpec",
     "SkymapSpec",
     "SpecError",
+    "GroupSpec",
     "StepSpec",
     "SurveySpec",
     "load_spec",
@@ -358,13 +359,27 @@ class ResolvedInputs:
         return list(dict.fromkeys([self.raws, self.calibs, *self.extra]))
 
 
+class GroupSpec(_Model):
+    """How a step's work at a site is cut into groups (`drp_campaign.model.groups`).
+
+    Exactly one bound: ``visits`` for a visit-sharded step, ``tracts`` or ``patches`` for a
+    tract-sharded one.
+    """
+
+    visits: int | None = Field(default=None, ge=1)
+    tracts: int | None = Field(default=None, ge=1)
+    patches: int | None = Field(default=None, ge=1)
+
+
 class StepSpec(_Model):
-    """One step: a pipeline subset run as one submission per site (or once, gathered)."""
+    """One step: a pipeline subset run per site (or once, gathered), cut into groups."""
 
     name: str = Field(min_length=1)
     subset: str = Field(min_length=1)
     shard: Literal["visit", "tract", "none"]
     placement: Literal["per-site", "gather"]
+    # Left out: the defaults of drp_campaign.model.groups (500 visits, 10 tracts).
+    group: GroupSpec | None = None
 
 
 # What the emulated DRP pipeline (pipelines/DRP-mock.yaml) calls its temporaries and its PVI:
@@ -516,7 +531,8 @@ _ALLOWED_KEYS: dict[str, tuple[str, ...]] = {
     "partition": ("policy",),
     "pipeline": ("yaml",),
     "inputs": ("raws", "calibs", "extra"),
-    "steps[]": ("name", "subset", "shard", "placement"),
+    "steps[]": ("name", "subset", "shard", "placement", "group"),
+    "steps[].group": ("visits", "tracts", "patches"),
 }
 
 
@@ -745,6 +761,27 @@ _HELP: dict[str, _Help] = {
         "placement: per-site",
         "use 'per-site' (each site runs its share) or 'gather' (runs once at the hub).",
     ),
+    "steps[].group": _Help(
+        "must be a mapping with one of visits, tracts or patches",
+        "group: {visits: 500}",
+        "write e.g. 'group: {visits: 500}' for a visit-sharded step or 'group: {tracts: 10}' "
+        "for a tract-sharded one.",
+    ),
+    "steps[].group.visits": _Help(
+        "must be a whole number of at least 1",
+        "visits: 500",
+        "give the most visits one group may hold, e.g. 500.",
+    ),
+    "steps[].group.tracts": _Help(
+        "must be a whole number of at least 1",
+        "tracts: 10",
+        "give the most tracts one group may hold, e.g. 10.",
+    ),
+    "steps[].group.patches": _Help(
+        "must be a whole number of at least 1",
+        "patches: 100",
+        "give the most patches one group may hold, e.g. 100.",
+    ),
 }
 
 # Choices for did-you-mean on enumerated values.
@@ -838,6 +875,8 @@ def _unknown_keys(data: Mapping[Any, Any]) -> list[Problem]:
     if isinstance(steps, list):
         for index, step in enumerate(steps):
             check(step, ("steps", index))
+            if isinstance(step, Mapping):
+                check(step.get("group"), ("steps", index, "group"))
     return problems
 
 
@@ -963,10 +1002,57 @@ def _instrument_problems(data: Mapping[Any, Any]) -> list[Problem]:
     return []
 
 
+def _group_problems(steps: object) -> list[Problem]:
+    """A step's ``group`` has one bound, and one that fits how the step is sharded."""
+    if not isinstance(steps, list):
+        return []
+    problems: list[Problem] = []
+    for index, step in enumerate(steps):
+        if not isinstance(step, Mapping) or not isinstance(step.get("group"), Mapping):
+            continue
+        group = step["group"]
+        key = f"steps[{index}].group"
+        given = [name for name in ("visits", "tracts", "patches") if group.get(name) is not None]
+        shard, placement = step.get("shard"), step.get("placement")
+        fits = {"visit": ["visits"], "tract": ["tracts", "patches"]}.get(str(shard), [])
+        if placement != "gather" and not fits:
+            continue  # an unknown shard is reported at steps[i].shard
+        if placement == "gather" or shard == "none":
+            problems.append(
+                Problem(
+                    key,
+                    "a gathered step runs as one group",
+                    "remove 'group' from this step.",
+                    value=dict(group),
+                )
+            )
+        elif len(given) != 1:
+            problems.append(
+                Problem(
+                    key,
+                    "give exactly one bound, not " + (" and ".join(given) or "none"),
+                    f"keep one of {', '.join(fits)}, e.g. 'group: {{{fits[0]}: "
+                    f"{500 if fits[0] == 'visits' else 10}}}'.",
+                    value=dict(group),
+                )
+            )
+        elif given[0] not in fits:
+            problems.append(
+                Problem(
+                    f"{key}.{given[0]}",
+                    f"a {shard}-sharded step is cut by {' or '.join(fits)}, not {given[0]}",
+                    f"use 'group: {{{fits[0]}: N}}', or change the step's shard.",
+                    value=group[given[0]],
+                )
+            )
+    return problems
+
+
 def _cross_problems(data: Mapping[Any, Any]) -> list[Problem]:
     """Rules that span keys. Written against raw data so they run even if other keys are bad."""
     problems: list[Problem] = _skymap_problems(data.get("skymap"), "skymap")
     problems.extend(_instrument_problems(data))
+    problems.extend(_group_problems(data.get("steps")))
     sites = data.get("sites")
     if isinstance(sites, Mapping):
         names = list(sites)
@@ -1303,7 +1389,15 @@ def parse_spec(
         }
     if isinstance(clean.get("steps"), list):
         clean["steps"] = [
-            {k: v for k, v in step.items() if k in _ALLOWED_KEYS["steps[]"]}
+            {
+                k: (
+                    {g: n for g, n in v.items() if g in _ALLOWED_KEYS["steps[].group"]}
+                    if k == "group" and isinstance(v, dict)
+                    else v
+                )
+                for k, v in step.items()
+                if k in _ALLOWED_KEYS["steps[]"]
+            }
             if isinstance(step, dict)
             else step
             for step in clean["steps"]
