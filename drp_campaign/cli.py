@@ -168,6 +168,13 @@ def _print_summary(s: dict[str, Any], seconds: float, out: Path) -> None:
             f"[yellow]shares:[/] single-visit shares deviate by up to "
             f"{t['max_single_visit_share_deviation']:.1%} (target 5 %)"
         )
+    groups = s.get("groups") or {}
+    if groups:
+        largest = max(groups, key=lambda key: groups[key])
+        console.print(
+            f"groups: {sum(groups.values()):,} in {len(groups)} site-steps (most: {largest}, "
+            f"{groups[largest]}); see groups.json"
+        )
     console.print(f"wrote {out}/ in {seconds:.1f} s")
 
 

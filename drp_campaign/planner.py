@@ -37,6 +37,7 @@ import pyarrow.parquet as pq
 
 from .model.assign import assign_visits
 from .model.focalplane import focal_plane
+from .model.groups import groups_document, plan_groups
 from .model.overlaps import (
     OverlapTable,
     compute_overlaps,
@@ -60,6 +61,7 @@ PLAN_FILES = (
     "detectors.parquet",
     "overlaps.parquet",
     "transfers.parquet",
+    "groups.json",
     "partition.png",
     "transfers.png",
 )
@@ -514,6 +516,16 @@ def run_plan(
     vis_out["site"] = np.asarray(sites)[home.astype(np.int64)]
     pq.write_table(pa.Table.from_pandas(vis_out, preserve_index=False), out_dir / "visits.parquet")
 
+    # How each site-step's work is cut (model.groups): decided here, from the plan alone, so a
+    # rerun of any stage finds the same groups.
+    groups = plan_groups(
+        spec,
+        vis_out,
+        pd.DataFrame(
+            {"tract": ptract, "patch": ppatch, "site": np.asarray(sites)[partition.owner]}
+        ),
+    )
+    (out_dir / "groups.json").write_text(json.dumps(groups_document(groups)) + "\n")
     summary = _summary(
         spec,
         visits,
@@ -524,6 +536,7 @@ def run_plan(
         n_transfers,
         n_regions,
     )
+    summary["groups"] = {key: len(site_step) for key, site_step in groups.items()}
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=False) + "\n")
     if plots:
         from .report.plots import plot_partition, plot_transfers
