@@ -535,15 +535,16 @@ class CampaignRun:
             with self.butler(self.hub, writeable=False) as butler:
                 associations = calib_associations(butler, inputs.calibs, kinds.calibs)
                 shared = list({ref.id: ref for ref, _, _ in associations}.values())
-                shared += [
+                extras = [
                     ref
                     for name in kinds.extra
                     for ref in butler.query_datasets(
                         name, collections=list(inputs.extra), explain=False, limit=None
                     )
                 ]
+                shared += extras
                 calib_ds = DID(ANCILLARY_SCOPE, f"{self.spec.campaign}/calibs")
-                calib_files = register_datasets(
+                common_files = register_datasets(
                     self.catalog,
                     butler,
                     shared,
@@ -556,6 +557,23 @@ class CampaignRun:
                 for site in self.spec.site_names:
                     if site == self.hub:
                         continue
+                    site_ds, calib_files = calib_ds, common_files
+                    held = self._held_at(site, extras)
+                    if held:
+                        # A site set up with its own sky map (another UUID under the same data
+                        # ID): it keeps it, and gets the other inputs in a dataset of its own.
+                        figures.setdefault("held_at_site", {})[site] = len(held)
+                        site_ds = DID(ANCILLARY_SCOPE, f"{self.spec.campaign}/calibs/{site}")
+                        calib_files = register_datasets(
+                            self.catalog,
+                            butler,
+                            [ref for ref in shared if ref.id not in held],
+                            repo_root=hub_repo,
+                            rse=hub_raw,
+                            scope=ANCILLARY_SCOPE,
+                            dataset=site_ds,
+                            close=True,
+                        )
                     site_visits = sorted(int(v) for v in visits.loc[visits.site == site].visit)
                     raws = [
                         ref
@@ -584,7 +602,7 @@ class CampaignRun:
                     )
                     dst = rse_name(site, "raw")
                     rules[site] = [
-                        self.catalog.add_rule(calib_ds, dst),
+                        self.catalog.add_rule(site_ds, dst),
                         self.catalog.add_rule(raw_ds, dst),
                     ]
                     for i, rule in enumerate(rules[site]):
@@ -602,6 +620,28 @@ class CampaignRun:
             return figures
 
         return self.run_stage(CAMPAIGN, CAMPAIGN, "distribute", work)
+
+    def _held_at(self, site: str, refs: Sequence[Any]) -> set[Any]:
+        """The refs whose dataset type and data ID the site already holds in the same RUN.
+
+        An operator's site Butler may be set up with its own copy of an extra input (the sky
+        map): another dataset under the same data ID, which the hub's could not be ingested
+        beside. The site's own is used instead (UUIDs are not compared between runs).
+        """
+        from lsst.daf.butler import MissingCollectionError, MissingDatasetTypeError
+
+        held: set[Any] = set()
+        with self.butler(site, writeable=False) as butler:
+            for ref in refs:
+                try:
+                    found = butler.find_dataset(
+                        ref.datasetType.name, ref.dataId, collections=[ref.run]
+                    )
+                except (MissingDatasetTypeError, MissingCollectionError):
+                    continue
+                if found is not None and found.id != ref.id:
+                    held.add(ref.id)
+        return held
 
     # ------------------------------------------------------------------------ data movement
     def pump_transfers(self) -> None:

@@ -29,6 +29,7 @@ import pytest
 import sqlalchemy
 from lsst.daf.butler import Butler
 
+from drp_campaign.backends.butler import ingest_mock_skymap, register_skymap
 from drp_campaign.model.spec import load_spec
 from drp_campaign.seed import seed_hub
 
@@ -99,6 +100,12 @@ def test_campaign_on_operator_repositories_equals_single_site(tmp_path: Path) ->
         + ["--export-file", str(tmp_path / "export" / "export.yaml"), "--transfer", "copy"]
     )
     _run([str(BIN / "butler"), "create", str(ops / "FrDF")])
+    # FrDF was set up beforehand with the skymap and a skyMap dataset of its own (another UUID
+    # than the hub's under the same data ID): setup must keep it and move the rest.
+    with Butler.from_config(str(ops / "FrDF"), writeable=True) as frdf:
+        register_skymap(frdf, preset.skymap, tracts=[])
+        ingest_mock_skymap(frdf, preset.skymap.name, size_bytes=1024)
+        (own_skymap,) = frdf.query_datasets("skyMap", "skymaps", skymap=preset.skymap.name)
     # UKDF's registry is PostgreSQL, in a schema of its own (the server is shared by the suite).
     pg_url = url.replace("postgresql://", "postgresql+psycopg2://", 1)
     engine = sqlalchemy.create_engine(pg_url)
@@ -158,6 +165,13 @@ def test_campaign_on_operator_repositories_equals_single_site(tmp_path: Path) ->
         assert len(raws) == 4 * 9  # LSSTComCam: 9 detectors
         assert len(list(butler.registry.queryDatasets(..., collections=...))) > n_refs
         assert spec.campaign + "/output" in set(butler.registry.queryCollections(...))
+    # FrDF kept its own sky map, and its products were made with it.
+    with Butler.from_config(repos["FrDF"]) as butler:
+        (skymap_ref,) = butler.query_datasets("skyMap", "skymaps", skymap=spec.skymap.name)
+        assert skymap_ref.id == own_skymap.id
+        assert butler.query_datasets(
+            spec.pvi, f"{spec.campaign}/FrDF/output", instrument=spec.instrument, limit=1
+        )
     # UKDF worked in its PostgreSQL registry.
     with Butler.from_config(repos["UKDF"]) as butler:
         assert "postgresql" in str(butler._config["registry", "db"])  # type: ignore[attr-defined]
