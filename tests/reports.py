@@ -27,3 +27,18 @@ def check_report(workdir: Path, returncode: int | None, output: str) -> dict[str
     assert report["equal_to_single_site"] is True
     assert report["missing"] == 0 and report["duplicated"] == 0
     return report
+
+
+def finished(workdir: Path, returncode: int) -> bool:
+    """Whether ``drp-campaign run`` ended its campaign: exit 0, or 1 with only the rate failed.
+
+    The command exits 1 when a test of the report fails; the rate's verdict depends on the load
+    of the machine, the others on the data (see `check_report`).
+    """
+    if returncode == 0:
+        return True
+    path = workdir / "report" / "milestone.json"
+    if returncode != 1 or not path.exists():
+        return False
+    failed = [t["name"] for t in json.loads(path.read_text())["tests"] if t["status"] != "PASS"]
+    return failed == ["processing rate"]
