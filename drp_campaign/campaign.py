@@ -40,7 +40,6 @@ from typing import Any, Literal
 import pandas as pd
 
 from .backends.butler import (
-    DEFAULT_FILE_SIZE,
     has_collection,
     open_repo,
     prepare_graph_outputs,
@@ -193,8 +192,6 @@ class CampaignRun:
     pump : callable, optional
         Called while waiting for transfers: the embedded catalog's transfer worker
         (``catalog.process_transfers``); `None` when daemons move the files (Rucio).
-    file_size : `int`, optional
-        Size of the mock raws and calibrations.
     poll_s : `float`, optional
         First interval when polling a workload or transfers (doubles up to 30 s).
     arrival_timeout_s : `float`, optional
@@ -216,7 +213,6 @@ class CampaignRun:
         workloads: Mapping[str, WorkloadService],
         client: Any,
         pump: Callable[[], object] | None = None,
-        file_size: int = DEFAULT_FILE_SIZE,
         poll_s: float = 0.2,
         arrival_timeout_s: float = 600.0,
         progress: Progress | None = None,
@@ -237,7 +233,6 @@ class CampaignRun:
         self.workloads = dict(workloads)
         self.client = client
         self.pump = pump
-        self.file_size = file_size
         self.poll_s = poll_s
         self.arrival_timeout_s = arrival_timeout_s
         self.progress = progress or (lambda message: _LOG.info("%s", message))
