@@ -430,7 +430,7 @@ class CampaignRun:
     @property
     def pipeline_uri(self) -> str:
         """The pipeline YAML of the campaign."""
-        return str(self.spec.pipeline.yaml_path or self.spec.pipeline.yaml)
+        return self.spec.pipeline.uri
 
     def setup_site(self, site: str) -> dict[str, Any]:
         """Adopt a site's repository and declare its RSEs (stage ``setup``).
@@ -623,20 +623,12 @@ class CampaignRun:
         map): another dataset under the same data ID, which the hub's could not be ingested
         beside. The site's own is used instead (UUIDs are not compared between runs).
         """
-        from lsst.daf.butler import MissingCollectionError, MissingDatasetTypeError
-
-        held: set[Any] = set()
         with self.butler(site, writeable=False) as butler:
-            for ref in refs:
-                try:
-                    found = butler.find_dataset(
-                        ref.datasetType.name, ref.dataId, collections=[ref.run]
-                    )
-                except (MissingDatasetTypeError, MissingCollectionError):
-                    continue
-                if found is not None and found.id != ref.id:
-                    held.add(ref.id)
-        return held
+            return {
+                ref.id
+                for ref in refs
+                if butler.get_dataset(ref.id) is None and _site_has(butler, ref, [ref.run])
+            }
 
     # ------------------------------------------------------------------------ data movement
     def pump_transfers(self) -> None:
@@ -1206,7 +1198,7 @@ class _Skip(Exception):
 
 def _site_has(butler: Any, ref: Any, collections: Sequence[str]) -> bool:
     """Whether a site's repo holds ``ref``, or the same dataset made there (e.g. its skyMap)."""
-    from lsst.daf.butler import MissingDatasetTypeError
+    from lsst.daf.butler import MissingCollectionError, MissingDatasetTypeError
 
     if butler.get_dataset(ref.id) is not None:
         return True
@@ -1214,7 +1206,7 @@ def _site_has(butler: Any, ref: Any, collections: Sequence[str]) -> bool:
         return False  # calibrations travel with their UUIDs (distribute_inputs)
     try:
         return butler.find_dataset(ref.datasetType, ref.dataId, collections=collections) is not None
-    except MissingDatasetTypeError:
+    except (MissingDatasetTypeError, MissingCollectionError):
         return False
 
 

@@ -152,7 +152,7 @@ def run_single_site(
     """
     t0 = time.perf_counter()
     root = Path(root)
-    pipeline = str(spec.pipeline.yaml_path or spec.pipeline.yaml)
+    pipeline = spec.pipeline.uri
     output = reference_collection(spec.campaign)
     if hub is None:
         populate_repo(
@@ -278,9 +278,7 @@ def copy_hub_inputs(
         kinds = classify_inputs(
             source,
             inputs,
-            pipeline_inputs(
-                str(spec.pipeline.yaml_path or spec.pipeline.yaml), [s.subset for s in spec.steps]
-            ),
+            pipeline_inputs(spec.pipeline.uri, [s.subset for s in spec.steps]),
         )
         adopt_repo(
             dst,

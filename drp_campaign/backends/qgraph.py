@@ -482,7 +482,7 @@ def step_requests(
 
     step_spec = spec.step(step)
     inputs = tuple(input_collections or (f"{spec.instrument}/defaults",))
-    yaml_path = str(pipeline_yaml or spec.pipeline.yaml_path or spec.pipeline.yaml)
+    yaml_path = str(pipeline_yaml or spec.pipeline.uri)
     gathered = step_spec.placement == "gather" or step_spec.shard == "none"
     sites = [spec.hub] if gathered else list(spec.site_names)
     selections = site_selections(plan, spec.site_names)

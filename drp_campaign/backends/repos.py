@@ -40,7 +40,7 @@ from lsst.resources import ResourcePath
 
 from ..model.spec import ResolvedInputs, SkymapSpec
 from .butler import has_collection, open_repo, register_run
-from .skymaps import SkymapMismatch, check_registered_skymap
+from .skymaps import SkymapMismatch, check_registered_skymap, registered_skymap_hash
 
 __all__ = [
     "EMBEDDED_SOURCE",
@@ -369,15 +369,6 @@ def mirror_collections(hub: Butler, dst: Butler, names: Iterable[str], *, label:
 
 
 # ------------------------------------------------------------------------- dimension records
-def _skymap_hash(butler: Butler, name: str) -> bytes | None:
-    records = list(butler.query_dimension_records("skymap", skymap=name, explain=False))
-    return records[0].hash if records else None
-
-
-def _hex(value: bytes | None) -> str:
-    return value.hex() if isinstance(value, bytes) else str(value)
-
-
 def _missing_visits(butler: Butler, instrument: str, visits: Sequence[int]) -> list[int]:
     found: set[int] = set()
     for start in range(0, len(visits), _VISITS_PER_BATCH):
@@ -514,11 +505,11 @@ def adopt_repo(
     RepoError
         If the site has the skymap under the same name with another hash.
     """
-    here, there = _skymap_hash(dst, skymap), _skymap_hash(hub, skymap)
+    here, there = registered_skymap_hash(dst, skymap), registered_skymap_hash(hub, skymap)
     if here is not None and here != there:
         raise RepoError(
-            f"{label}: skymap {skymap!r} is registered with hash {_hex(here)}, but the hub's "
-            f"is {_hex(there)}: they are different skymaps under one name. Register the hub's "
+            f"{label}: skymap {skymap!r} is registered with hash {here}, but the hub's "
+            f"is {there}: they are different skymaps under one name. Register the hub's "
             "skymap under another name at the site, or remove the site's"
         )
     copied: dict[str, int] = {}

@@ -312,6 +312,11 @@ class PipelineSpec(_Model):
     yaml: str = Field(min_length=1)
     yaml_path: Path | None = Field(default=None, strict=False)
 
+    @property
+    def uri(self) -> str:
+        """The pipeline file to read: the resolved path, else ``yaml`` as written."""
+        return str(self.yaml_path or self.yaml)
+
 
 class InputsSpec(_Model):
     """The hub's input collections (DESIGN.md section 10).
