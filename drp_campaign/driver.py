@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from .backends.butler import DEFAULT_FILE_SIZE, collections_for, open_repo, populate_repo
@@ -28,7 +27,7 @@ from .backends.local.workload import (
 )
 from .backends.qgraph import build_graph, step_query
 from .model.focalplane import focal_plane
-from .model.overlaps import compute_overlaps
+from .model.plan import visit_tracts
 from .model.sky import sky_map_for
 from .model.spec import CampaignSpec
 
@@ -79,15 +78,7 @@ def reference_collection(campaign: str) -> str:
 
 
 def _tracts_of(spec: CampaignSpec, visits: pd.DataFrame) -> list[int]:
-    table = compute_overlaps(
-        sky_map_for(spec.skymap),
-        focal_plane(spec.instrument),
-        visits["visit"].to_numpy(),
-        visits["ra"].to_numpy(),
-        visits["dec"].to_numpy(),
-        visits["rotation"].to_numpy(),
-    )
-    return [int(t) for t in np.unique(table.tract)]
+    return visit_tracts(sky_map_for(spec.skymap), focal_plane(spec.instrument), visits)
 
 
 def _chain(root: Path, name: str) -> list[str]:

@@ -15,11 +15,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from .backends.butler import DEFAULT_FILE_SIZE, create_repo, populate_repo, site_repo_root
 from .model.focalplane import focal_plane
-from .model.overlaps import compute_overlaps
+from .model.plan import visit_tracts
 from .model.sky import sky_map_for
 from .model.spec import CampaignSpec
 from .model.survey import survey_from_spec
@@ -74,16 +72,7 @@ def seed_hub(
     result : `SeedResult`
     """
     visits = survey_from_spec(spec)
-    sky = sky_map_for(spec.skymap)
-    overlaps = compute_overlaps(
-        sky,
-        focal_plane(spec.instrument),
-        visits["visit"].to_numpy(),
-        visits["ra"].to_numpy(),
-        visits["dec"].to_numpy(),
-        visits["rotation"].to_numpy(),
-    )
-    tracts = np.unique(overlaps.tract)
+    tracts = visit_tracts(sky_map_for(spec.skymap), focal_plane(spec.instrument), visits)
     seeded = populate_repo(
         repo,
         spec,

@@ -19,7 +19,7 @@ from .partition import SHARE_TOLERANCE, Partition, partition_patches
 from .sky import RingsSkyMap
 from .transfers import detector_needs, transfer_rows, visit_costs
 
-__all__ = ["MemoryPlan", "plan_visits"]
+__all__ = ["MemoryPlan", "plan_visits", "visit_tracts"]
 
 
 @dataclass(frozen=True)
@@ -77,3 +77,30 @@ def plan_visits(
     v, d, s, t = transfer_rows(needs, assignment.home, vid)
     transfers = pd.DataFrame({"visit": v, "detector": d, "src_site": s, "dst_site": t})
     return MemoryPlan(vis, table, part, assignment, transfers)
+
+
+def visit_tracts(skymap: RingsSkyMap, plane: FocalPlane, visits: pd.DataFrame) -> list[int]:
+    """The tracts any detector of ``visits`` overlaps, ascending.
+
+    Parameters
+    ----------
+    skymap : `RingsSkyMap`
+        The sky map.
+    plane : `FocalPlane`
+        The instrument's focal plane.
+    visits : `pandas.DataFrame`
+        ``visit, ra, dec, rotation`` (degrees).
+
+    Returns
+    -------
+    tracts : `list` [`int`]
+    """
+    table = compute_overlaps(
+        skymap,
+        plane,
+        visits["visit"].to_numpy(),
+        visits["ra"].to_numpy(),
+        visits["dec"].to_numpy(),
+        visits["rotation"].to_numpy(),
+    )
+    return [int(t) for t in np.unique(table.tract)]
