@@ -68,6 +68,11 @@ class DataFacility(Block):
     workload_backend: Literal["local", "panda"] = Field(
         default="local", description="Workload service: local execution, or PanDA."
     )
+    groups_in_flight: int = Field(
+        default=2,
+        ge=1,
+        description="Groups of a site-step submitted to the workload service at once.",
+    )
     rucio: RucioCredentials | None = Field(
         default=None, description="Rucio credentials (needed by catalog_backend 'rucio')."
     )

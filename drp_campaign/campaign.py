@@ -29,21 +29,19 @@ arrive      closed loop: returns once every product is ingested at the hub.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pandas as pd
 
-from .backends.butler import (
-    has_collection,
-    open_repo,
-    prepare_graph_outputs,
-)
+from .backends.butler import open_repo
 from .backends.ingest import (
     ANCILLARY_SCOPE,
     RAW_FILE,
@@ -54,15 +52,12 @@ from .backends.ingest import (
 )
 from .backends.interfaces import (
     DID,
-    TERMINAL_STATES,
     DataCatalog,
     RuleState,
     WorkloadService,
-    WorkloadState,
     rse_name,
 )
-from .backends.pipeline import pipeline_inputs
-from .backends.qgraph import EmptyGraphError, GraphRequest, build_request, site_selections
+from .backends.pipeline import pipeline_inputs, step_dataflow
 from .backends.repos import (
     CampaignInputs,
     adopt_repo,
@@ -75,26 +70,34 @@ from .backends.repos import (
     mirror_collections,
     repo_root,
 )
-from .ledger import CAMPAIGN, Ledger, StageState
-from .model.bps import (
-    SiteStepSubmit,
-    input_chain,
-    output_collection,
-    output_run,
-    render_submit_yaml,
-)
+from .ledger import CAMPAIGN, Ledger
+from .model.bps import input_chain, output_collection
+from .model.groups import Group, groups_from_document
 from .model.naming import data_facility_block
 from .model.spec import CampaignSpec
+from .model.staging import StepFlow, needs_probe
+from .model.units import WorkUnit, work_unit
+from .stages.errors import GroupFailure, Skip
+
+if TYPE_CHECKING:
+    from .stages.sitestep import PhaseRunner
 
 __all__ = [
+    "DEFAULT_GROUPS_IN_FLIGHT",
     "ArrivalTimeout",
     "CampaignRun",
+    "GroupFailure",
     "SiteStepFailed",
+    "Skip",
     "campaign_output",
     "is_product",
     "product_filter",
+    "site_has",
     "staged_collection",
 ]
+
+#: Groups of a site submitted at once unless its DataFacility Block says otherwise.
+DEFAULT_GROUPS_IN_FLIGHT = 2
 
 _LOG = logging.getLogger(__name__)
 
@@ -144,10 +147,12 @@ def product_filter(spec: CampaignSpec) -> Callable[[str], bool]:
 
 
 class SiteStepFailed(RuntimeError):
-    """A site-step failed; the message names step, site, stage and cause."""
+    """A site-step failed; the message names step, site, stage (and failed groups) and cause."""
 
-    def __init__(self, step: str, site: str, stage: str, cause: str) -> None:
-        self.step, self.site, self.stage = step, site, stage
+    def __init__(
+        self, step: str, site: str, stage: str, cause: str, groups: Sequence[str] = ()
+    ) -> None:
+        self.step, self.site, self.stage, self.groups = step, site, stage, list(groups)
         super().__init__(f"{step} at {site} failed in stage '{stage}': {cause}")
 
 
@@ -167,6 +172,8 @@ class SiteStepResult:
     staged_bytes: int = 0
     published_files: int = 0
     published_bytes: int = 0
+    groups: int = 0
+    groups_skipped: int = 0
     stages_s: dict[str, float] = field(default_factory=dict)
 
 
@@ -201,6 +208,9 @@ class CampaignRun:
     repo_sources : mapping of `str` to `str`, optional
         Where each site's repository was named (its Block), for errors; by default the site's
         `DataFacility` Block name.
+    in_flight : mapping of `str` to `int`, optional
+        Groups of each site submitted at once (its Block's ``groups_in_flight``); by default
+        `DEFAULT_GROUPS_IN_FLIGHT`.
     """
 
     def __init__(
@@ -217,6 +227,7 @@ class CampaignRun:
         arrival_timeout_s: float = 600.0,
         progress: Progress | None = None,
         repo_sources: Mapping[str, str] | None = None,
+        in_flight: Mapping[str, int] | None = None,
     ) -> None:
         missing = [s for s in spec.site_names if not repos.get(s)]
         if missing:
@@ -240,7 +251,10 @@ class CampaignRun:
         self.plan_dir = self.workdir / "plan"
         self.scope = spec.campaign[:25]
         self._pump_lock = threading.Lock()
-        self._chain_lock = threading.Lock()
+        self.chain_lock = threading.Lock()
+        self.in_flight = dict(in_flight or {})
+        self._groups: tuple[int, dict[str, list[Group]]] | None = None
+        self._dataflow: dict[str, StepFlow] | None = None
         self._monitor_locks: dict[str, threading.Lock] = {s: threading.Lock() for s in spec.sites}
         self._monitors: dict[str, ReplicaMonitor] = {}
         self._inputs: CampaignInputs | None = None
@@ -306,29 +320,35 @@ class CampaignRun:
         return self._monitors[site]
 
     def run_stage(
-        self, step: str, site: str, stage: str, fn: Callable[[], Mapping[str, Any] | None]
+        self,
+        step: str,
+        site: str,
+        stage: str,
+        fn: Callable[[], Mapping[str, Any] | None],
+        *,
+        group: str = "",
     ) -> dict[str, Any]:
-        """Run ``fn`` as the ledger stage (step, site, stage) unless it is done.
+        """Run ``fn`` as the ledger stage (step, site, group, stage) unless it is done.
 
         Returns
         -------
         figures : `dict`
             What ``fn`` returned now, or what the ledger kept from the run that did it.
         """
-        record = self.ledger.get(step, site, stage)
+        record = self.ledger.get(step, site, stage, group=group)
         if record is not None and record.done:
             return dict(record.figures)
-        self.ledger.start(step, site, stage)
-        self.progress(f"{step} {site}: {stage}")
+        self.ledger.start(step, site, stage, group=group)
+        self.progress(f"{step} {site}{'#' + group if group else ''}: {stage}")
         try:
             figures = dict(fn() or {})
-        except _Skip as skip:
-            self.ledger.finish(step, site, stage, {"reason": str(skip)}, skipped=True)
+        except Skip as skip:
+            self.ledger.finish(step, site, stage, {"reason": str(skip)}, skipped=True, group=group)
             raise
         except BaseException as exc:  # recorded, then re-raised: the flow decides
-            self.ledger.fail(step, site, stage, f"{type(exc).__name__}: {exc}")
+            self.ledger.fail(step, site, stage, f"{type(exc).__name__}: {exc}", group=group)
             raise
-        self.ledger.finish(step, site, stage, figures)
+        self.ledger.finish(step, site, stage, figures, group=group)
         return figures
 
     # ---------------------------------------------------------------------- campaign stages
@@ -426,6 +446,16 @@ class CampaignRun:
                 with self.butler(self.hub, writeable=False) as hub:
                     self._inputs = classify_inputs(hub, self.spec.input_collections, names)
             return self._inputs
+
+    def needs_probe(self, step: str) -> bool:
+        """Whether a step's groups need the staging probe (`model.staging.needs_probe`)."""
+        with self._inputs_lock:
+            if self._dataflow is None:
+                self._dataflow = step_dataflow(
+                    self.pipeline_uri, [s.subset for s in self.spec.steps]
+                )
+            flows = self._dataflow
+        return needs_probe(self.spec, step, flows)
 
     @property
     def pipeline_uri(self) -> str:
@@ -627,7 +657,7 @@ class CampaignRun:
             return {
                 ref.id
                 for ref in refs
-                if butler.get_dataset(ref.id) is None and _site_has(butler, ref, [ref.run])
+                if butler.get_dataset(ref.id) is None and site_has(butler, ref, [ref.run])
             }
 
     # ------------------------------------------------------------------------ data movement
@@ -699,7 +729,7 @@ class CampaignRun:
             time.sleep(delay)
 
     # ------------------------------------------------------------------------- site-steps
-    def _input_collections(self, site: str) -> list[str]:
+    def input_collections(self, site: str) -> list[str]:
         """Inputs of a site's next graph: its output chain (or the defaults) and staged runs."""
         own = output_collection(self.spec.campaign, site)
         staged = staged_collection(self.spec.campaign, site)
@@ -710,493 +740,155 @@ class CampaignRun:
             inputs.append(staged)
         return inputs
 
-    def _add_to_chain(self, site: str, chain: str, runs: Iterable[str]) -> None:
+    def add_to_chain(self, site: str, chain: str, runs: Iterable[str]) -> None:
         """Put ``runs`` at the front of a CHAINED collection (idempotent, concurrency-safe).
 
-        Sites finish concurrently and each adds its run to the hub's chains: a read-modify-write
-        of the chain would lose updates, so the change is one ``prepend_chain`` (a registry
-        transaction), serialized in this process as well.
+        Sites and groups finish concurrently and each adds its run to the hub's chains: a
+        read-modify-write of the chain would lose updates, so the change is one
+        ``prepend_chain`` (a registry transaction), serialized in this process as well.
         """
         from lsst.daf.butler import CollectionType
 
         runs = sorted(set(runs))
         if not runs:
             return
-        with self._chain_lock, self.butler(site) as butler:
+        with self.chain_lock, self.butler(site) as butler:
             butler.collections.register(chain, CollectionType.CHAINED)
             children = set(butler.collections.get_info(chain).children)
             new = [r for r in runs if r not in children]
             if new:
                 butler.collections.prepend_chain(chain, new)
 
-    def _where(self, step: str, site: str) -> str:
-        from .backends.qgraph import step_query
-        from .model.sky import sky_map_for
+    def groups(self, step: str, site: str) -> list[Group]:
+        """A site-step's groups, as the plan cut them (``plan/groups.json``)."""
+        path = self.plan_dir / "groups.json"
+        stamp = path.stat().st_mtime_ns
+        with self._inputs_lock:
+            if self._groups is None or self._groups[0] != stamp:
+                self._groups = (stamp, groups_from_document(json.loads(path.read_text())))
+            by_site_step = self._groups[1]
+        if site not in self.sites_of(step):
+            raise ValueError(f"{step} runs at {', '.join(self.sites_of(step))}, not at {site}")
+        return list(by_site_step.get(f"{step}@{site}", []))
 
-        s = self.spec.step(step)
-        if site not in self.sites_of(step) or len(self.sites_of(step)) == 1:
-            return step_query(self.spec.instrument, self.spec.skymap.name)
-        selection = site_selections(self.plan_dir, self.spec.site_names)[site]
-        if s.shard == "visit":
-            if selection.visits.size == 0:
-                raise _Skip(f"no visit of the campaign is assigned to {site}")
-            return step_query(
-                self.spec.instrument, self.spec.skymap.name, visits=selection.visits.tolist()
-            )
-        if selection.patches.empty:
-            raise _Skip(f"no patch of the campaign belongs to {site}")
-        sky = sky_map_for(self.spec.skymap)
-        sizes = {
-            int(t): int(sky[int(t)].num_patches[0] * sky[int(t)].num_patches[1])
-            for t in selection.patches["tract"].unique()
-        }
-        return step_query(
-            self.spec.instrument,
-            self.spec.skymap.name,
-            patches=selection.patches,
-            tract_sizes=sizes,
-        )
-
-    def _request(
-        self,
-        step: str,
-        site: str,
-        repo: str,
-        inputs: Sequence[str],
-        out: Path,
-        *,
-        run: str,
-        output: str | None,
-    ) -> GraphRequest:
-        s = self.spec.step(step)
-        return GraphRequest(
-            repo_root=repo,
-            pipeline_yaml=self.pipeline_uri,
-            subset=s.subset,
-            where=self._where(step, site),
-            input_collections=tuple(inputs),
-            output_run=run,
-            out_file=str(out),
-            site=site,
-            output=output,
-        )
-
-    def _build(self, request: GraphRequest) -> Any:
-        # Graph builds run in a Dask worker process: the Butler and the pipeline imports stay
-        # out of the orchestrating process, and several sites build at once.
-        return self.client.submit(build_request, request, pure=False).result()
-
-    def stage_step_inputs(self, step: str, site: str) -> dict[str, Any]:
-        """Move to ``site`` exactly the inputs its graph for ``step`` needs and lacks.
-
-        The site's graph is first built at the hub (which holds every published product) and
-        its overall inputs are compared with the site's datasets; the missing ones (overlap
-        PVIs before step3, a gathered step's per-visit outputs, other sites' coadd catalogs)
-        are attached to one dataset ruled to the site and ingested on arrival.
-
-        Returns
-        -------
-        figures : `dict`
-            ``files``, ``bytes`` moved and the ``runs`` they came from.
-        """
-        if site == self.hub:
-            return {"files": 0, "bytes": 0, "runs": []}
-        from lsst.pipe.base.quantum_graph import PredictedQuantumGraph
-
-        from .backends import zipfix
-
-        zipfix.apply()
-        probe_file = self.workdir / "graphs" / "probe" / step / f"{site}.qg"
-        # Everything published (if anything yet) and the campaign's inputs.
-        hub_inputs = [self.input_chain()]
-        with self.butler(self.hub, writeable=False) as hub:
-            if campaign_output(self.spec.campaign) in hub.collections.query("*"):
-                hub_inputs.insert(0, campaign_output(self.spec.campaign))
-        try:
-            self._build(
-                self._request(
-                    step,
-                    site,
-                    self.repo_uri(self.hub),
-                    hub_inputs,
-                    probe_file,
-                    run=f"{self.spec.campaign}/probe/{step}/{site}",
-                    output=None,
-                )
-            )
-        except EmptyGraphError as err:
-            raise _Skip(f"nothing to do: {err}") from err
-        import lsst.pipe.base.tests.mocks  # noqa: F401
-
-        graph = PredictedQuantumGraph.read_execution_quanta(str(probe_file))
-        needed = {ref.id: ref for ref in _overall_inputs(graph)}
-        site_inputs = self._input_collections(site)
-        with self.butler(site, writeable=False) as butler:
-            have = {i for i, ref in needed.items() if _site_has(butler, ref, site_inputs)}
-        missing = [ref for i, ref in needed.items() if i not in have]
-        if not missing:
-            return {"files": 0, "bytes": 0, "runs": []}
-        with self.butler(self.hub, writeable=False) as hub:
-            missing_expanded = [hub.get_dataset(ref.id) for ref in missing]
-            dids = []
-            for ref in missing_expanded:
-                assert ref is not None
-                uri = hub.getURI(ref)
-                dids.append(DID(self.scope, str(Path(uri.ospath).relative_to(self.repo(self.hub)))))
-        dataset = DID(self.scope, f"{self.spec.campaign}/stage/{step}/{site}")
-        self.catalog.add_dataset(dataset)
-        self.catalog.attach(dataset, dids)
-        self.catalog.close(dataset)
-        rule = self.catalog.add_rule(dataset, rse_name(site, "butler"))
-        self.ledger.set_name(step, site, "stage_rule", rule)
-        n = self.wait_until_arrived(site, [rule])
-        runs = sorted({ref.run for ref in missing})
-        self._add_to_chain(site, staged_collection(self.spec.campaign, site), runs)
-        files = self.catalog.list_dataset_files(dataset)
-        return {"files": n, "bytes": sum(f.bytes for f in files), "runs": runs}
-
-    def submit_file(self, step: str, site: str) -> Path:
-        """Render the BPS submit file of a site-step (stage ``bps``); returns its path."""
-        s = self.spec.step(step)
-        site_spec = self.spec.sites[site]
-        workload: Literal["local", "panda"] = (
-            "panda" if type(self.workloads[site]).__name__ == "PandaWorkload" else "local"
-        )
-        submit = SiteStepSubmit(
-            campaign=self.spec.campaign,
-            step=step,
-            subset=s.subset,
-            site=site,
-            compute_site=site_spec.compute_site,
-            cloud=site_spec.cloud,
-            pipeline_yaml=self.pipeline_uri,
-            butler_config=self.repo_uri(site),
-            data_query=self._where(step, site),
-            input_collections=self._input_collections(site),
-            output_run=self.site_output_run(step, site),
-            output_collection=output_collection(self.spec.campaign, site),
-            workload=workload,
-            submit_path=str(
-                self.workdir / "submit" / site / f"{step}{self._attempt_suffix(step, site)}"
-            ),
-        )
-        path = self.workdir / "submit" / site / submit.file_name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(render_submit_yaml(submit))
-        tmp.replace(path)
-        return path
-
-    def graph_file(self, step: str, site: str) -> Path:
-        """Where a site-step's graph is saved (inside the site's storage, so it can ship)."""
-        return self.repo(site) / "graphs" / step / f"{site}{self._attempt_suffix(step, site)}.qg"
-
-    # ------------------------------------------------------------------------------ attempts
-    def attempt(self, step: str, site: str) -> int:
-        """Which fresh submission of a site-step this is: 0, then 1, 2... after each cancel or
+    def attempt(self, step: str, site: str, group: str) -> int:
+        """Which fresh submission of a group this is: 0, then 1, 2... after each cancel or
         `forget_site_step` (each attempt has its own output run, graph and BPS directory)."""
-        value = self.ledger.name(step, site, "attempt")
+        value = self.ledger.name(step, site, "attempt", group=group)
         return int(value) if value else 0
 
-    def _attempt_suffix(self, step: str, site: str) -> str:
-        n = self.attempt(step, site)
-        return "" if n == 0 else f"-attempt{n}"
+    def unit(self, group: Group) -> WorkUnit:
+        """The `WorkUnit` of a group in its current attempt."""
+        sizes: dict[int, int] = {}
+        if group.patches is not None:
+            from .model.sky import sky_map_for
 
-    def site_output_run(self, step: str, site: str) -> str:
-        """The RUN collection of a site-step's current attempt (`output_run`)."""
-        return output_run(self.spec.campaign, step, site, self.attempt(step, site))
+            sky = sky_map_for(self.spec.skymap)
+            sizes = {t: int(np.prod(sky[t].num_patches)) for t in group.tracts}
+        attempt = self.attempt(group.step, group.site, group.name)
+        return work_unit(self.spec, group, attempt, tract_sizes=sizes)
 
-    def _new_attempt(self, step: str, site: str, keep: Sequence[str] = ()) -> int:
-        """Start a fresh attempt: forget every stage but ``keep``, and every name.
+    def units(self, step: str, site: str) -> list[WorkUnit]:
+        """Every group of a site-step as a `WorkUnit`, in order."""
+        return [self.unit(g) for g in self.groups(step, site)]
+
+    def groups_in_flight(self, site: str) -> int:
+        """How many of a site's groups may be submitted at once (its Block's setting)."""
+        return max(1, int(self.in_flight.get(site, DEFAULT_GROUPS_IN_FLIGHT)))
+
+    def figures(self, unit: WorkUnit, stage: str) -> dict[str, Any]:
+        """The figures a group's finished stage recorded (the next stages read them)."""
+        record = self.ledger.get(unit.step, unit.site, stage, group=unit.name)
+        if record is None or not record.done:
+            raise RuntimeError(f"{unit.label}: stage '{stage}' has not run")
+        return dict(record.figures)
+
+    def new_attempt(self, unit: WorkUnit, keep: Sequence[str] = ()) -> WorkUnit:
+        """Start a fresh attempt of a group: forget every stage but ``keep``, and every name.
 
         A new attempt needs new names because the old ones are taken: BPS refuses an existing
         submit directory, PanDA's staging path and the graph's catalog entry are per output
         run, and the old run may hold a cancelled run's partial outputs. Those stay where they
         are, in their own RUN collection, so nothing is mixed or lost.
         """
-        n = self.attempt(step, site) + 1
-        stages = [r.stage for r in self.ledger.records(step, site) if r.stage not in keep]
-        if stages:
-            self.ledger.reset(step, site, stages)
-        self.ledger.delete_names(step, site)
-        self.ledger.set_name(step, site, "attempt", str(n))
-        return n
-
-    def _resume_cancelled(self, step: str, site: str) -> None:
-        """A rerun after the site-step's run was cancelled submits it afresh, as a new attempt.
-
-        A cancelled run cannot be resumed (neither PanDA nor BPS restarts it), and rerunning
-        the site-step is how the operator says it should run after all.
-        """
-        run_id = self.ledger.name(step, site, "run_id")
-        if run_id is None or self.ledger.is_done(step, site, "submit"):
-            return
-        state = self.workloads[site].status(run_id).state
-        if state == WorkloadState.CANCELLED:
-            n = self._new_attempt(step, site, keep=("stage",))
-            self.progress(
-                f"{step} {site}: run {run_id} was cancelled; submitting attempt {n} "
-                f"as {self.site_output_run(step, site)}"
-            )
+        step, site, group = unit.step, unit.site, unit.name
+        stages = [r.stage for r in self.ledger.records(step, site, group=group)]
+        forget = [s for s in stages if s not in keep]
+        if forget:
+            self.ledger.reset(step, site, forget, group=group)
+        self.ledger.delete_names(step, site, group=group)
+        self.ledger.set_name(step, site, "attempt", str(unit.attempt + 1), group=group)
+        return self.unit(unit.group)
 
     def run_site_step(
-        self, step: str, site: str, runner: StageRunner | None = None
+        self,
+        step: str,
+        site: str,
+        runner: PhaseRunner | None = None,
+        groups: Sequence[str] | None = None,
     ) -> SiteStepResult:
-        """Run every stage of one step at one site, skipping what the ledger says is done.
+        """Run every group of one step at one site, skipping what the ledger says is done.
+
+        See `drp_campaign.stages.sitestep.run_site_step`.
+
+        Raises
+        ------
+        SiteStepFailed
+            Naming every failed group, its stage, its cause and its rerun command.
+        drp_campaign.ledger.SiteStepBusy
+            If another live process is running the same site-step.
+        """
+        from .stages.sitestep import run_site_step
+
+        return run_site_step(self, step, site, runner, groups)
+
+    # ------------------------------------------------------------------------------ reruns
+    def forget_site_step(
+        self, step: str, site: str, groups: Sequence[str] | None = None
+    ) -> dict[str, int]:
+        """Make a site-step's groups run again from scratch, each as a new attempt.
+
+        The next `run_site_step` stages, renders, builds and submits them again, into the new
+        attempts' output runs; the previous attempts' outputs stay in theirs.
 
         Parameters
         ----------
         step, site : `str`
             The site-step.
-        runner : callable, optional
-            ``runner(stage, fn)`` runs one stage's work ``fn()`` and returns its figures; the
-            flows pass one that makes each stage a Prefect task. Default: call ``fn()``.
+        groups : sequence of `str`, optional
+            Only these groups (default: all of them).
 
         Returns
         -------
-        result : `SiteStepResult`
-
-        Raises
-        ------
-        SiteStepFailed
-            Naming the stage and the cause (failed labels and exit codes for a failed run).
-        drp_campaign.ledger.SiteStepBusy
-            If another live process is running the same site-step.
-        """
-        run = runner or (lambda stage, fn: fn())
-        result = SiteStepResult(step, site)
-        stages: list[tuple[str, Callable[[], Mapping[str, Any] | None]]] = [
-            ("stage", lambda: self.stage_step_inputs(step, site)),
-            ("bps", lambda: {"file": str(self.submit_file(step, site))}),
-            ("build", lambda: self._build_site(step, site)),
-            ("submit", lambda: self._submit(step, site)),
-            ("publish", lambda: self.publish_outputs(step, site)),
-            ("arrive", lambda: self._arrive(step, site)),
-        ]
-        with self.ledger.claim(step, site):
-            try:
-                self._resume_cancelled(step, site)
-            except Exception as exc:
-                raise SiteStepFailed(step, site, "submit", f"{type(exc).__name__}: {exc}") from exc
-            for name, fn in stages:
-                record = self.ledger.get(step, site, name)
-                if record is not None and record.state == StageState.SKIPPED:
-                    result.skipped = True
-                    return result
-                try:
-                    figures = run(name, functools.partial(self.run_stage, step, site, name, fn))
-                except _Skip:
-                    result.skipped = True
-                    self.progress(f"{step} {site}: nothing to do")
-                    return result
-                except SiteStepFailed:
-                    raise
-                except Exception as exc:
-                    raise SiteStepFailed(step, site, name, f"{type(exc).__name__}: {exc}") from exc
-                if name == "stage":
-                    result.staged_files = int(figures.get("files", 0))
-                    result.staged_bytes = int(figures.get("bytes", 0))
-                elif name == "build":
-                    result.n_quanta = int(figures["n_quanta"])
-                elif name == "publish":
-                    result.published_files = int(figures.get("files", 0))
-                    result.published_bytes = int(figures.get("bytes", 0))
-        for record in self.ledger.records(step, site):
-            if record.seconds is not None:
-                result.stages_s[record.stage] = record.seconds
-        return result
-
-    def _build_site(self, step: str, site: str) -> dict[str, Any]:
-        inputs = self._input_collections(site)
-        try:
-            summary = self._build(
-                self._request(
-                    step,
-                    site,
-                    self.repo_uri(site),
-                    inputs,
-                    self.graph_file(step, site),
-                    run=self.site_output_run(step, site),
-                    output=output_collection(self.spec.campaign, site),
-                )
-            )
-        except EmptyGraphError as err:
-            raise _Skip(f"nothing to do: {err}") from err
-        # Ship the graph to the hub for provenance (a file DID ruled to the hub's disk).
-        graph_did = self._register_graph(step, site)
-        return {
-            "n_quanta": summary.n_quanta,
-            "per_task": summary.per_task,
-            "build_s": summary.seconds,
-            "graph": str(summary.file),
-            "graph_did": str(graph_did),
-        }
-
-    def _register_graph(self, step: str, site: str) -> DID:
-        from .backends.interfaces import NewFile, file_adler32
-
-        path = self.graph_file(step, site)
-        did = DID(self.scope, str(path.relative_to(self.repo(site))))
-        self.catalog.register_replicas(
-            rse_name(site, "butler"),
-            [NewFile(did.scope, did.name, path.stat().st_size, file_adler32(path))],
-        )
-        if site != self.hub:
-            rule = self.catalog.add_rule(did, rse_name(self.hub, "butler"))
-            self.ledger.set_name(step, site, "graph_rule", rule)
-        return did
-
-    def _submit(self, step: str, site: str) -> dict[str, Any]:
-        service = self.workloads[site]
-        bps = self._figures(step, site, "bps")
-        built = self._figures(step, site, "build")
-        run_id = self.ledger.name(step, site, "run_id")
-        status = service.status(run_id) if run_id else None
-        local = type(service).__name__ == "LocalService"
-        if status is None or (local and status.state == WorkloadState.RUNNING):
-            # Never submitted, or a local run whose process died: (re)submit. A remote run
-            # that is still RUNNING is polled below, never submitted twice. The output run and
-            # chain are created here, atomically, so that the final job's own (non-atomic)
-            # registrations find them whole even if a kill interrupts that job.
-            with self.butler(site) as butler:
-                prepare_graph_outputs(butler, built["graph"])
-            run_id = service.submit(Path(bps["file"]), Path(built["graph"]))
-            self.ledger.set_name(step, site, "run_id", run_id)
-        elif status.state == WorkloadState.FAILED:
-            run_id = service.restart(run_id)  # type: ignore[arg-type]
-            self.ledger.set_name(step, site, "run_id", run_id)
-        assert run_id is not None
-        t0 = time.monotonic()
-        delay = self.poll_s
-        while True:
-            status = service.status(run_id)
-            if status.state in TERMINAL_STATES:
-                break
-            time.sleep(delay)
-            delay = min(delay * 2, 30.0)
-        if status.state != WorkloadState.SUCCEEDED:
-            labels = ", ".join(
-                f"{lab.label}: {lab.failed}/{lab.total} failed (exit codes {list(lab.exit_codes)})"
-                for lab in status.failed_labels
-            )
-            raise SiteStepFailed(
-                step,
-                site,
-                "submit",
-                f"run {run_id} {status.state.value}: {labels or status.message}"
-                + (f"\n{status.message}" if labels and status.message else "")
-                + (
-                    f"\nRerun the site-step to submit it afresh as attempt "
-                    f"{self.attempt(step, site) + 1}."
-                    if status.state == WorkloadState.CANCELLED
-                    else ""
-                ),
-            )
-        return {
-            "run_id": run_id,
-            "wait_s": time.monotonic() - t0,
-            "labels": {lab.label: lab.succeeded for lab in status.labels},
-        }
-
-    def publish_outputs(self, step: str, site: str) -> dict[str, Any]:
-        """Register a site-step's products in the catalog and rule them to the hub.
-
-        Returns
-        -------
-        figures : `dict`
-            ``files`` and ``bytes`` registered, the ``rule`` id (none at the hub).
-        """
-        run = self.site_output_run(step, site)
-        with self.butler(site, writeable=False) as butler:
-            refs = (
-                [
-                    ref
-                    for dt in butler.registry.queryDatasetTypes()
-                    if self.is_product(dt.name)
-                    for ref in butler.query_datasets(dt, collections=run, explain=False, limit=None)
-                ]
-                if has_collection(butler, run)
-                else []
-            )
-            dataset = DID(self.scope, f"{self.spec.campaign}/products/{step}/{site}")
-            files = register_datasets(
-                self.catalog,
-                butler,
-                refs,
-                repo_root=self.repo(site),
-                rse=rse_name(site, "butler"),
-                scope=self.scope,
-                dataset=dataset,
-                close=True,
-            )
-        figures: dict[str, Any] = {
-            "files": len(files),
-            "bytes": sum(f.bytes for f in files),
-            "dataset": str(dataset),
-            "run": run,
-        }
-        if site != self.hub and files:
-            figures["rule"] = self.catalog.add_rule(dataset, rse_name(self.hub, "butler"))
-            self.ledger.set_name(step, site, "publish_rule", figures["rule"])
-        return figures
-
-    def _figures(self, step: str, site: str, stage: str) -> dict[str, Any]:
-        record = self.ledger.get(step, site, stage)
-        if record is None or not record.done:
-            raise RuntimeError(f"{step} at {site}: stage '{stage}' has not run")
-        return dict(record.figures)
-
-    def _arrive(self, step: str, site: str) -> dict[str, Any]:
-        publish = self._figures(step, site, "publish")
-        run = str(publish["run"])
-        t0 = time.monotonic()
-        rule = publish.get("rule")
-        n = self.wait_until_arrived(self.hub, [rule]) if rule else 0
-        graph_rule = self.ledger.name(step, site, "graph_rule")
-        if graph_rule:  # a graph is not a Butler dataset: arrived when its rule is OK
-            self.wait_until_arrived(self.hub, [graph_rule], ingest=False)
-        if publish.get("files"):
-            self._add_to_chain(self.hub, campaign_output(self.spec.campaign), [run])
-            if site != self.hub:
-                self._add_to_chain(self.hub, staged_collection(self.spec.campaign, self.hub), [run])
-        return {"files": n, "wait_s": time.monotonic() - t0}
-
-    # ------------------------------------------------------------------------------ reruns
-    def forget_site_step(self, step: str, site: str) -> int:
-        """Make a site-step run again from scratch, as a new attempt (an operator's rerun).
-
-        The next `run_site_step` stages, renders, builds and submits again, into the new
-        attempt's output run; the previous attempt's outputs stay in theirs.
-
-        Returns
-        -------
-        attempt : `int`
-            The new attempt's number.
+        attempts : `dict` [`str`, `int`]
+            Each group's new attempt number.
 
         Raises
         ------
         ValueError
-            If the site-step's products were published already: a second set would reach the
+            If a group's products were published already: a second set would reach the
             hub's ``<campaign>/output`` beside the first.
         drp_campaign.ledger.SiteStepBusy
             If another live process is running the site-step.
         """
         with self.ledger.claim(step, site):  # never under a run in progress
-            if self.ledger.is_done(step, site, "publish"):
+            units = [u for u in self.units(step, site) if groups is None or u.name in groups]
+            published = [
+                u for u in units if self.ledger.is_done(step, site, "publish", group=u.name)
+            ]
+            if published:
                 raise ValueError(
-                    f"{step} at {site}: its products are published already (run "
-                    f"{self.site_output_run(step, site)}); a fresh attempt would publish them "
-                    "twice. Remove that run from the hub's output chain and from the catalog "
-                    "first."
+                    f"{step} at {site}: the products of "
+                    + ", ".join(f"{u.label} (run {u.output_run})" for u in published)
+                    + " are published already; a fresh attempt would publish them twice. "
+                    "Start only the other groups afresh (group=...), or remove those runs "
+                    "from the hub's output chain and from the catalog first."
                 )
-            return self._new_attempt(step, site)
+            self.ledger.reset(step, site, group="")  # a site-step skip is decided again
+            return {u.name: self.new_attempt(u).attempt for u in units}
 
 
-class _Skip(Exception):
-    """A stage found nothing to do at this site (recorded as SKIPPED, not an error)."""
-
-
-def _site_has(butler: Any, ref: Any, collections: Sequence[str]) -> bool:
+def site_has(butler: Any, ref: Any, collections: Sequence[str]) -> bool:
     """Whether a site's repo holds ``ref``, or the same dataset made there (e.g. its skyMap)."""
     from lsst.daf.butler import MissingCollectionError, MissingDatasetTypeError
 
@@ -1208,16 +900,3 @@ def _site_has(butler: Any, ref: Any, collections: Sequence[str]) -> bool:
         return butler.find_dataset(ref.datasetType, ref.dataId, collections=collections) is not None
     except (MissingDatasetTypeError, MissingCollectionError):
         return False
-
-
-def _overall_inputs(graph: Any) -> list[Any]:
-    """The input refs (prerequisites included) of a graph that no quantum of it produces."""
-    produced: set[Any] = set()
-    consumed: dict[Any, Any] = {}
-    for quantum in graph.build_execution_quanta().values():
-        for refs in quantum.outputs.values():
-            produced.update(ref.id for ref in refs)
-        for refs in quantum.inputs.values():
-            for ref in refs:
-                consumed[ref.id] = ref
-    return [ref for i, ref in consumed.items() if i not in produced]

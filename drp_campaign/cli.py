@@ -349,7 +349,7 @@ def status(
     step: Annotated[str | None, typer.Option("--step", help="Only this step.")] = None,
     site: Annotated[str | None, typer.Option("--site", help="Only this site.")] = None,
 ) -> None:
-    """Print the campaign ledger: every (step, site, stage), its state, time and error."""
+    """Print the campaign ledger: every (step, site, group, stage), its state, time, error."""
     from .ledger import Ledger
 
     path = workdir / "ledger.sqlite"
@@ -358,7 +358,7 @@ def status(
         raise typer.Exit(EXIT_USAGE)
     ledger = Ledger(path)
     table = Table(title=f"campaign ledger ({path})")
-    for col in ("step", "site", "stage", "state", "seconds", "attempts", "detail"):
+    for col in ("step", "site", "group", "stage", "state", "seconds", "attempts", "detail"):
         table.add_column(col)
     colours = {"DONE": "green", "SKIPPED": "cyan", "RUNNING": "yellow", "FAILED": "red"}
     for r in ledger.records(step, site):
@@ -368,6 +368,7 @@ def status(
         table.add_row(
             r.step,
             r.site,
+            r.group,
             r.stage,
             f"[{colours.get(r.state, 'white')}]{r.state}[/]",
             f"{r.seconds:.1f}" if r.seconds is not None else "",

@@ -318,13 +318,20 @@ def ping(
     )
 
 
-def _run_id_from_ledger(workdir: Path, step: str, site: str) -> str:
+def _run_id_from_ledger(workdir: Path, step: str, site: str, group: str | None) -> str:
     from .ledger import Ledger
 
     path = workdir / "ledger.sqlite"
     if not path.is_file():
         raise SettingsError(f"no ledger at {path}: give --workdir of the campaign, or --run-id")
-    run_id = Ledger(path).name(step, site, "run_id")
+    ledger = Ledger(path)
+    groups = ledger.groups(step, site)
+    if group is None and len(groups) > 1:
+        raise SettingsError(
+            f"step {step!r} at site {site!r} ran as groups {', '.join(groups)}: give --group"
+        )
+    group = group if group is not None else (groups[0] if groups else "")
+    run_id = ledger.name(step, site, "run_id", group=group)
     if run_id is None:
         raise SettingsError(
             f"the ledger {path} has no run of step {step!r} at site {site!r} (not submitted yet?)"
@@ -367,6 +374,9 @@ def status(
     step: Annotated[
         str | None, typer.Option("--step", help="Step name; its run id is read from the ledger.")
     ] = None,
+    group: Annotated[
+        str | None, typer.Option("--group", help="The step's group (g003), if it has several.")
+    ] = None,
     run_id: Annotated[
         str | None, typer.Option("--run-id", help="PanDA (iDDS) request id; overrides --step.")
     ] = None,
@@ -382,7 +392,7 @@ def status(
         if run_id is None:
             if step is None:
                 raise SettingsError("give --run-id, or --step (with --workdir) to find it")
-            run_id = _run_id_from_ledger(workdir, step, site)
+            run_id = _run_id_from_ledger(workdir, step, site, group)
         panda_settings = settings_for_site(site, settings, campaign=_campaign_of(spec, campaign))
         result = PandaWorkload(panda_settings, retries=2, backoff_s=2.0).status(run_id)
     except (SettingsError, WorkloadError) as exc:

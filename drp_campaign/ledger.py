@@ -53,6 +53,7 @@ class StageRecord:
     figures: dict[str, Any]
     error: str | None
     attempts: int
+    group: str = ""  # the group of the site-step ("" for the site-step's own stages)
 
     @property
     def done(self) -> bool:
@@ -73,14 +74,15 @@ class SiteStepBusy(RuntimeError):
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS stages (
-    step TEXT NOT NULL, site TEXT NOT NULL, stage TEXT NOT NULL,
+    step TEXT NOT NULL, site TEXT NOT NULL, grp TEXT NOT NULL DEFAULT '', stage TEXT NOT NULL,
     state TEXT NOT NULL, started REAL, finished REAL, figures TEXT NOT NULL DEFAULT '{}',
     error TEXT, attempts INTEGER NOT NULL DEFAULT 0, seq INTEGER NOT NULL,
-    PRIMARY KEY (step, site, stage)
+    PRIMARY KEY (step, site, grp, stage)
 );
 CREATE TABLE IF NOT EXISTS names (
-    step TEXT NOT NULL, site TEXT NOT NULL, key TEXT NOT NULL, value TEXT NOT NULL,
-    PRIMARY KEY (step, site, key)
+    step TEXT NOT NULL, site TEXT NOT NULL, grp TEXT NOT NULL DEFAULT '', key TEXT NOT NULL,
+    value TEXT NOT NULL,
+    PRIMARY KEY (step, site, grp, key)
 );
 CREATE TABLE IF NOT EXISTS leases (
     step TEXT NOT NULL, site TEXT NOT NULL, host TEXT NOT NULL, pid INTEGER NOT NULL,
@@ -88,6 +90,19 @@ CREATE TABLE IF NOT EXISTS leases (
     PRIMARY KEY (step, site)
 );
 """
+
+
+def _migrate(c: sqlite3.Connection) -> None:
+    """Give a ledger written before groups existed their ``grp`` column (rows keep ``""``)."""
+    for table in ("stages", "names"):
+        columns = {r[1] for r in c.execute(f"PRAGMA table_info({table})")}
+        if columns and "grp" not in columns:
+            # The primary key gains the column, which ALTER TABLE cannot do: copy the rows.
+            c.execute(f"ALTER TABLE {table} RENAME TO {table}_v1")
+            c.executescript(_SCHEMA)
+            keep = ", ".join(sorted(columns))
+            c.execute(f"INSERT INTO {table} ({keep}) SELECT {keep} FROM {table}_v1")
+            c.execute(f"DROP TABLE {table}_v1")
 
 
 def pid_alive(pid: int) -> bool:
@@ -119,6 +134,7 @@ class Ledger:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self._connect() as c:
+            _migrate(c)
             c.executescript(_SCHEMA)
 
     @contextmanager
@@ -135,43 +151,45 @@ class Ledger:
             c.close()
 
     # ------------------------------------------------------------------------------ stages
-    def get(self, step: str, site: str, stage: str) -> StageRecord | None:
+    def get(self, step: str, site: str, stage: str, *, group: str = "") -> StageRecord | None:
         """Return a stage's record, or `None` if it never started."""
         with self._connect() as c:
             row = c.execute(
-                "SELECT * FROM stages WHERE step=? AND site=? AND stage=?", (step, site, stage)
+                "SELECT * FROM stages WHERE step=? AND site=? AND grp=? AND stage=?",
+                (step, site, group, stage),
             ).fetchone()
         return None if row is None else self._record(row)
 
-    def is_done(self, step: str, site: str, stage: str) -> bool:
+    def is_done(self, step: str, site: str, stage: str, *, group: str = "") -> bool:
         """Whether a stage is DONE or SKIPPED."""
-        record = self.get(step, site, stage)
+        record = self.get(step, site, stage, group=group)
         return record is not None and record.done
 
-    def start(self, step: str, site: str, stage: str) -> StageRecord:
+    def start(self, step: str, site: str, stage: str, *, group: str = "") -> StageRecord:
         """Mark a stage RUNNING (a new attempt); returns the record as it was before."""
         now = time.time()
+        key = (step, site, group, stage)
         with self._connect() as c:
             c.execute("BEGIN IMMEDIATE")
             row = c.execute(
-                "SELECT * FROM stages WHERE step=? AND site=? AND stage=?", (step, site, stage)
+                "SELECT * FROM stages WHERE step=? AND site=? AND grp=? AND stage=?", key
             ).fetchone()
             if row is None:
                 seq = c.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM stages").fetchone()[0]
                 c.execute(
-                    "INSERT INTO stages (step, site, stage, state, started, attempts, seq) "
-                    "VALUES (?, ?, ?, ?, ?, 1, ?)",
-                    (step, site, stage, StageState.RUNNING, now, seq),
+                    "INSERT INTO stages (step, site, grp, stage, state, started, attempts, seq) "
+                    "VALUES (?, ?, ?, ?, ?, ?, 1, ?)",
+                    (*key, StageState.RUNNING, now, seq),
                 )
             else:
                 c.execute(
                     "UPDATE stages SET state=?, started=?, finished=NULL, error=NULL, "
-                    "attempts=attempts+1 WHERE step=? AND site=? AND stage=?",
-                    (StageState.RUNNING, now, step, site, stage),
+                    "attempts=attempts+1 WHERE step=? AND site=? AND grp=? AND stage=?",
+                    (StageState.RUNNING, now, *key),
                 )
             c.execute("COMMIT")
         before = self._record(row) if row is not None else None
-        return before or StageRecord(step, site, stage, "NEW", None, None, {}, None, 0)
+        return before or StageRecord(step, site, stage, "NEW", None, None, {}, None, 0, group)
 
     def finish(
         self,
@@ -181,48 +199,72 @@ class Ledger:
         figures: Mapping[str, Any] | None = None,
         *,
         skipped: bool = False,
+        group: str = "",
     ) -> None:
         """Mark a stage DONE (or SKIPPED) with its figures."""
         state = StageState.SKIPPED if skipped else StageState.DONE
         with self._connect() as c:
             c.execute(
                 "UPDATE stages SET state=?, finished=?, figures=? "
-                "WHERE step=? AND site=? AND stage=?",
+                "WHERE step=? AND site=? AND grp=? AND stage=?",
                 (
                     state,
                     time.time(),
                     json.dumps(dict(figures or {}), sort_keys=True),
                     step,
                     site,
+                    group,
                     stage,
                 ),
             )
 
-    def fail(self, step: str, site: str, stage: str, error: str) -> None:
+    def fail(self, step: str, site: str, stage: str, error: str, *, group: str = "") -> None:
         """Mark a stage FAILED with the error that stopped it."""
         with self._connect() as c:
             c.execute(
                 "UPDATE stages SET state=?, finished=?, error=? "
-                "WHERE step=? AND site=? AND stage=?",
-                (StageState.FAILED, time.time(), error[:4000], step, site, stage),
+                "WHERE step=? AND site=? AND grp=? AND stage=?",
+                (StageState.FAILED, time.time(), error[:4000], step, site, group, stage),
             )
 
-    def records(self, step: str | None = None, site: str | None = None) -> list[StageRecord]:
-        """Every stage record (optionally of one step and/or site), in the order they started."""
+    def records(
+        self, step: str | None = None, site: str | None = None, *, group: str | None = None
+    ) -> list[StageRecord]:
+        """Every stage record (optionally of one step, site and/or group), in start order.
+
+        ``group=None`` gives the rows of every group and those of the site-step itself;
+        ``group=""`` only the site-step's own.
+        """
         sql, args = "SELECT * FROM stages WHERE 1=1", []
-        if step is not None:
-            sql += " AND step=?"
-            args.append(step)
-        if site is not None:
-            sql += " AND site=?"
-            args.append(site)
+        for column, value in (("step", step), ("site", site), ("grp", group)):
+            if value is not None:
+                sql += f" AND {column}=?"
+                args.append(value)
         with self._connect() as c:
             rows = c.execute(sql + " ORDER BY seq", args).fetchall()
         return [self._record(r) for r in rows]
 
-    def reset(self, step: str, site: str, stages: list[str] | None = None) -> int:
-        """Forget stages of a (step, site) so they run again (an operator's explicit rerun)."""
+    def groups(self, step: str, site: str) -> list[str]:
+        """The groups of a (step, site) that have ledger rows, sorted."""
+        with self._connect() as c:
+            rows = c.execute(
+                "SELECT DISTINCT grp FROM stages WHERE step=? AND site=? AND grp != '' "
+                "UNION SELECT DISTINCT grp FROM names WHERE step=? AND site=? AND grp != ''",
+                (step, site, step, site),
+            ).fetchall()
+        return sorted(str(r[0]) for r in rows)
+
+    def reset(
+        self, step: str, site: str, stages: list[str] | None = None, *, group: str | None = ""
+    ) -> int:
+        """Forget stages of a (step, site) so they run again (an operator's explicit rerun).
+
+        ``group`` selects one group's rows (``""``: the site-step's own; `None`: all).
+        """
         sql, args = "DELETE FROM stages WHERE step=? AND site=?", [step, site]
+        if group is not None:
+            sql += " AND grp=?"
+            args.append(group)
         if stages is not None:
             sql += f" AND stage IN ({','.join('?' * len(stages))})"
             args.extend(stages)
@@ -241,29 +283,33 @@ class Ledger:
             json.loads(row["figures"]),
             row["error"],
             row["attempts"],
+            row["grp"],
         )
 
     # ------------------------------------------------------------------------------- names
-    def name(self, step: str, site: str, key: str) -> str | None:
-        """A deterministic name recorded for a (step, site), or `None`."""
+    def name(self, step: str, site: str, key: str, *, group: str = "") -> str | None:
+        """A deterministic name recorded for a (step, site[, group]), or `None`."""
         with self._connect() as c:
             row = c.execute(
-                "SELECT value FROM names WHERE step=? AND site=? AND key=?", (step, site, key)
+                "SELECT value FROM names WHERE step=? AND site=? AND grp=? AND key=?",
+                (step, site, group, key),
             ).fetchone()
         return None if row is None else str(row[0])
 
-    def set_name(self, step: str, site: str, key: str, value: str) -> None:
+    def set_name(self, step: str, site: str, key: str, value: str, *, group: str = "") -> None:
         """Record a name (overwrites: the latest submission id wins after a restart)."""
         with self._connect() as c:
             c.execute(
-                "INSERT INTO names (step, site, key, value) VALUES (?, ?, ?, ?) "
-                "ON CONFLICT (step, site, key) DO UPDATE SET value=excluded.value",
-                (step, site, key, value),
+                "INSERT INTO names (step, site, grp, key, value) VALUES (?, ?, ?, ?, ?) "
+                "ON CONFLICT (step, site, grp, key) DO UPDATE SET value=excluded.value",
+                (step, site, group, key, value),
             )
 
-    def delete_names(self, step: str, site: str, keys: Iterable[str] | None = None) -> int:
-        """Forget names of a (step, site): ``keys``, or all of them (for a fresh attempt)."""
-        sql, args = "DELETE FROM names WHERE step=? AND site=?", [step, site]
+    def delete_names(
+        self, step: str, site: str, keys: Iterable[str] | None = None, *, group: str = ""
+    ) -> int:
+        """Forget names of a (step, site[, group]): ``keys``, or all (for a fresh attempt)."""
+        sql, args = "DELETE FROM names WHERE step=? AND site=? AND grp=?", [step, site, group]
         if keys is not None:
             keys = list(keys)
             sql += f" AND key IN ({','.join('?' * len(keys))})"
@@ -271,14 +317,23 @@ class Ledger:
         with self._connect() as c:
             return c.execute(sql, args).rowcount
 
-    def names(self, step: str | None = None, site: str | None = None) -> dict[str, str]:
-        """Names of one (step, site) as ``key -> value`` (every name, keyed ``step/site/key``,
-        when both are `None`)."""
+    def names(
+        self, step: str | None = None, site: str | None = None, *, group: str = ""
+    ) -> dict[str, str]:
+        """Names of one (step, site[, group]) as ``key -> value`` (every name, keyed
+        ``step/site[/group]/key``, when step and site are both `None`)."""
         with self._connect() as c:
-            rows = c.execute("SELECT * FROM names ORDER BY step, site, key").fetchall()
+            rows = c.execute("SELECT * FROM names ORDER BY step, site, grp, key").fetchall()
         if step is None and site is None:
-            return {f"{r['step']}/{r['site']}/{r['key']}": r["value"] for r in rows}
-        return {r["key"]: r["value"] for r in rows if r["step"] == step and r["site"] == site}
+            return {
+                "/".join(p for p in (r["step"], r["site"], r["grp"], r["key"]) if p): r["value"]
+                for r in rows
+            }
+        return {
+            r["key"]: r["value"]
+            for r in rows
+            if r["step"] == step and r["site"] == site and r["grp"] == group
+        }
 
     # ------------------------------------------------------------------------------ leases
     @contextmanager

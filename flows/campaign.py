@@ -71,7 +71,8 @@ def _site_step_run_name() -> str:
     from prefect.runtime import flow_run
 
     params = flow_run.parameters
-    return f"{_campaign_name(params['spec'])}: {params['step']} @ {params['site']}"
+    group = f" #{params['group']}" if params.get("group") else ""
+    return f"{_campaign_name(params['spec'])}: {params['step']} @ {params['site']}{group}"
 
 
 def _campaign_run_name() -> str:
@@ -80,12 +81,10 @@ def _campaign_run_name() -> str:
     return _campaign_name(flow_run.parameters["spec"])
 
 
-def _stage_runner(step: str, site: str) -> Any:
-    def run(stage: str, fn: Any) -> Any:
-        # One Prefect task per stage, named for the UI; the ledger makes it idempotent.
-        return task(name=stage, task_run_name=f"{stage} {step}@{site}")(fn)()
-
-    return run
+def _phase_runner(phase: str, label: str, fn: Any) -> Any:
+    # One Prefect task per phase of a group (build, run, publish), named for the UI like
+    # "build step1@FrDF#003"; never one per quantum. The ledger makes each idempotent.
+    return task(name=phase, task_run_name=f"{phase} {label}")(fn)()
 
 
 def _subflow(fn: Any, *args: Any) -> Any:
@@ -106,10 +105,13 @@ def _cancel_submitted_run(flow: Any, flow_run: Any, state: Any) -> None:
     params = flow_run.parameters
     run = campaign_run(params["spec"], params["workdir"])
     step, site = params["step"], params["site"]
-    run_id = run.ledger.name(step, site, "run_id")
-    if run_id and not run.ledger.is_done(step, site, "submit"):
-        run.workloads[site].cancel(run_id)
-        run.ledger.fail(step, site, "submit", f"cancelled with the flow run (run {run_id})")
+    for group in run.ledger.groups(step, site):
+        run_id = run.ledger.name(step, site, "run_id", group=group)
+        if run_id and not run.ledger.is_done(step, site, "submit", group=group):
+            run.workloads[site].cancel(run_id)
+            run.ledger.fail(
+                step, site, "submit", f"cancelled with the flow run (run {run_id})", group=group
+            )
 
 
 @flow(
@@ -118,9 +120,15 @@ def _cancel_submitted_run(flow: Any, flow_run: Any, state: Any) -> None:
     on_cancellation=[_cancel_submitted_run],
 )
 def drp_site_step(
-    spec: str, step: str, site: str, workdir: str, fresh: bool = False
+    spec: str,
+    step: str,
+    site: str,
+    workdir: str,
+    fresh: bool = False,
+    group: str | None = None,
 ) -> dict[str, Any]:
-    """Run one step at one site: stage inputs, BPS file, graph, submit and wait, publish, arrive.
+    """Run one step at one site, group by group: stage inputs, BPS file, graph, submit and
+    wait, publish, arrive (three tasks per group: build, run, publish).
 
     Parameters
     ----------
@@ -134,8 +142,10 @@ def drp_site_step(
         Work directory.
     fresh : `bool`, optional
         Start over as a new attempt (new output run, graph and BPS directory) instead of
-        resuming; refused once the site-step's products are published. A cancelled run is
+        resuming; refused for a group whose products are published. A cancelled run is
         resubmitted as a new attempt without it.
+    group : `str`, optional
+        Only this group (``g003``, as ``drp-campaign status`` and the ledger name it).
     """
     run = campaign_run(spec, workdir)
     if site not in run.sites_of(step):
@@ -143,16 +153,16 @@ def drp_site_step(
             f"{step} runs at {', '.join(run.sites_of(step))} only (placement "
             f"'{run.spec.step(step).placement}'), not at {site}"
         )
+    groups = [group] if group else None
     if fresh:
-        attempt = run.forget_site_step(step, site)
+        attempts = run.forget_site_step(step, site, groups)
         get_run_logger().info(
-            "%s at %s: starting over as attempt %d (%s)",
+            "%s at %s: starting over: %s",
             step,
             site,
-            attempt,
-            run.site_output_run(step, site),
+            ", ".join(f"{g} as attempt {n}" for g, n in attempts.items()),
         )
-    result = run.run_site_step(step, site, runner=_stage_runner(step, site))
+    result = run.run_site_step(step, site, runner=_phase_runner, groups=groups)
     return vars(result)
 
 
@@ -206,7 +216,9 @@ def drp_step(spec: str, step: str, workdir: str, sites: list[str] | None = None)
             "%s at %s: %s",
             step,
             site,
-            "nothing to do" if result["skipped"] else f"{result['n_quanta']} quanta",
+            "nothing to do"
+            if result["skipped"]
+            else f"{result['n_quanta']} quanta in {result['groups']} group(s)",
         )
     _publish_ledger(run)
     if failures:
@@ -224,6 +236,7 @@ def _publish_ledger(run: Any) -> None:
         {
             "step": r.step,
             "site": r.site,
+            "group": r.group,
             "stage": r.stage,
             "state": r.state,
             "seconds": round(r.seconds, 2) if r.seconds is not None else None,

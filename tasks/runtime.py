@@ -113,6 +113,7 @@ def campaign_run(
                 for s, f in facilities.items()
                 if f is not None
             },
+            in_flight={s: f.groups_in_flight for s, f in facilities.items() if f is not None},
             rucio=rucio,
             panda={site: c.panda_settings(site) for site, c in on_panda.items()},
             panda_retry={site: c.retry_policy() for site, c in on_panda.items()},

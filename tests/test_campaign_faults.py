@@ -50,11 +50,17 @@ class StopBeforeSubmit(Exception):
     pass
 
 
-def until_submit(stage: str, fn: Callable[[], Any]) -> Any:
-    """A stage runner (as the flow passes one) that stops a site-step before it submits."""
-    if stage == "submit":
+def until_submit(phase: str, label: str, fn: Callable[[], Any]) -> Any:
+    """A phase runner (as the flow passes one) that stops every group before it submits."""
+    if phase == "run":
         raise StopBeforeSubmit
     return fn()
+
+
+def _site_step_done(run: CampaignRun, step: str, site: str) -> bool:
+    return all(
+        run.ledger.is_done(step, site, "arrive", group=u.name) for u in run.units(step, site)
+    )
 
 
 def _ledger_state(workdir: Path, step: str, stage: str) -> set[str]:
@@ -70,6 +76,30 @@ def _ledger_state(workdir: Path, step: str, stage: str) -> set[str]:
         except sqlite3.OperationalError:
             return set()
     return {r[0] for r in rows}
+
+
+def _groups_built_while_others_run(workdir: Path, step: str) -> bool:
+    """Whether, at some site, a group is executing while another has a graph, not submitted."""
+    path = workdir / "ledger.sqlite"
+    if not path.exists():
+        return False
+    with sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30) as c:
+        try:
+            rows = c.execute(
+                "SELECT site, grp, stage, state FROM stages WHERE step=?", (step,)
+            ).fetchall()
+        except sqlite3.OperationalError:
+            return False
+    by_group: dict[tuple[str, str], dict[str, str]] = {}
+    for site, group, stage, state in rows:
+        by_group.setdefault((site, group), {})[stage] = state
+    for site in {site for site, _ in by_group}:
+        mine = [g for (s, _), g in by_group.items() if s == site]
+        running = any(g.get("submit") == "RUNNING" for g in mine)
+        waiting = any(g.get("build") in ("RUNNING", "DONE") and "submit" not in g for g in mine)
+        if running and waiting:
+            return True
+    return False
 
 
 def _run_until(spec: Path, workdir: Path, condition: Callable[[], bool] | None) -> int:
@@ -105,6 +135,8 @@ def test_sigkill_at_five_points_then_resume_equals_single_site(tmp_path: Path) -
         when("step1", "submit", {"RUNNING"}),  # quanta executing
         when("step1", "arrive", {"RUNNING", "DONE"}),  # products moving to the hub
         when("step3", "stage", {"RUNNING"}),  # overlap PVIs staging
+        # Some groups of a site executing while its next groups' graphs are built.
+        lambda: _groups_built_while_others_run(workdir, "step3"),
         when("step3", "submit", {"DONE"}),  # between a step's stages
         when("step4", "publish", {"RUNNING", "DONE"}),
     ]
@@ -124,14 +156,17 @@ def test_sigkill_at_five_points_then_resume_equals_single_site(tmp_path: Path) -
     # Every stage done once in the end; some needed more than one attempt.
     assert all(r.done for r in ledger.records()), [r for r in ledger.records() if not r.done]
     assert any(r.attempts > 1 for r in ledger.records())
-    # One submission per site-step: the local executor's run id is deterministic and recorded
-    # once; its state files are one per site-step.
+    # One submission per group: the local executor's run id is deterministic and recorded
+    # once; its state files are one per group, and every group of the plan ran once.
     states = sorted((workdir / "workload").glob("*/*.json"))
     assert (
         len(states)
         == len({p.stem for p in states})
         == sum(1 for r in ledger.records() if r.stage == "submit" and r.state == "DONE")
     )
+    submitted = [r for r in ledger.records() if r.stage == "submit" and r.state == "DONE"]
+    assert len({(r.step, r.site, r.group) for r in submitted}) == len(submitted)
+    assert any(len(ledger.groups("step3", s)) > 1 for s in spec.site_names)
     # No duplicate rule: one per (DID, destination).
     catalog = EmbeddedCatalog(workdir / "catalog")
     rules = catalog.list_rules()
@@ -152,15 +187,19 @@ def _assert_no_duplicate_runs(run: CampaignRun) -> None:
 
     with open_repo(run.repo(run.hub), writeable=False) as butler:
         chain = list(butler.collections.get_info(campaign_output(run.spec.campaign)).children)
-        runs = list(butler.collections.query(f"{run.spec.campaign}/*/*/run*"))
+        runs = list(butler.collections.query(f"{run.spec.campaign}/*/*/g*"))
     assert len(chain) == len(set(chain))
-    # Exactly one RUN per site-step that had work: no "-attempt" runs, no strays.
+    # Exactly one RUN per group that had work: no "-attempt" runs, no strays.
     expected = {
-        f"{run.spec.campaign}/{r.step}/{r.site}/run"
+        f"{run.spec.campaign}/{r.step}/{r.site}/{r.group}"
         for r in run.ledger.records()
         if r.stage == "publish" and int(r.figures.get("files", 0)) > 0
     }
-    assert set(runs) == expected
+    assert set(runs) == expected and all(
+        r.figures["run"] in expected
+        for r in run.ledger.records()
+        if r.stage == "publish" and int(r.figures.get("files", 0)) > 0
+    )
 
 
 @pytest.mark.slow
@@ -185,8 +224,8 @@ def test_site_outage_then_rerun_of_that_site_completes(tmp_path: Path) -> None:
         assert "FrDF" not in message.split("failed at")[1].split("\n")[0]
         # The other sites finished step3 completely.
         for site in ("USDF", "FrDF"):
-            assert run.ledger.is_done("step3", site, "arrive")
-        assert not run.ledger.is_done("step3", "UKDF", "arrive")
+            assert _site_step_done(run, "step3", site)
+        assert not _site_step_done(run, "step3", "UKDF")
         failed = [r for r in run.ledger.records("step3", "UKDF") if r.state == "FAILED"]
         assert failed and failed[0].error
         # The operator reruns step3 at UKDF alone, then the rest of the campaign.
@@ -224,26 +263,29 @@ def test_concurrent_runs_of_one_site_step_never_submit_twice(tmp_path: Path) -> 
             holder.wait()
         result = run.run_site_step("step1", "USDF")  # the holder died: the lease is taken over
         assert result.n_quanta > 0
-        assert run.ledger.name("step1", "USDF", "run_id") is not None
+        assert run.ledger.name("step1", "USDF", "run_id", group="g000") is not None
 
         # An operator's fresh rerun of a site-step built but not yet run (e.g. after changing
         # its inputs): a new attempt, with its own output run, graph and BPS directory.
         with pytest.raises(SiteStepFailed, match="StopBeforeSubmit"):
             run.run_site_step("step1", "FrDF", runner=until_submit)
-        first_graph = run.graph_file("step1", "FrDF")
-        assert first_graph.exists() and run.attempt("step1", "FrDF") == 0
-        assert run.forget_site_step("step1", "FrDF") == 1
+        (unit,) = run.units("step1", "FrDF")
+        first_graph = run.repo("FrDF") / unit.graph_path
+        assert first_graph.exists() and unit.attempt == 0
+        assert run.forget_site_step("step1", "FrDF") == {"g000": 1}
         assert run.ledger.records("step1", "FrDF") == []
         result = run.run_site_step("step1", "FrDF")
         assert result.n_quanta > 0 and result.published_files > 0
-        fresh = f"{spec.campaign}/step1/FrDF/run-attempt1"
-        assert run.site_output_run("step1", "FrDF") == fresh
-        assert run.ledger.get("step1", "FrDF", "publish").figures["run"] == fresh  # type: ignore[union-attr]
-        assert run.graph_file("step1", "FrDF").name == "FrDF-attempt1.qg" and first_graph.exists()
+        fresh = f"{spec.campaign}/step1/FrDF/g000-attempt1"
+        (unit,) = run.units("step1", "FrDF")
+        assert unit.output_run == fresh
+        publish = run.ledger.get("step1", "FrDF", "publish", group="g000")
+        assert publish is not None and publish.figures["run"] == fresh
+        assert unit.graph_path.endswith("/g000-attempt1.qg") and first_graph.exists()
         with open_repo(run.repo("FrDF"), writeable=False) as butler:
             assert butler.query_datasets("pvi", collections=fresh, explain=False)
             # The first attempt never ran: its RUN was never even created.
-            assert not has_collection(butler, f"{spec.campaign}/step1/FrDF/run")
+            assert not has_collection(butler, f"{spec.campaign}/step1/FrDF/g000")
         # Once published, a fresh attempt would publish the products twice: refused.
         with pytest.raises(ValueError, match="published already"):
             run.forget_site_step("step1", "FrDF")
@@ -257,5 +299,51 @@ def test_a_failing_stage_names_step_site_and_cause(tmp_path: Path) -> None:
         # No setup: the site's repository does not exist yet.
         with pytest.raises(SiteStepFailed, match="step1 at FrDF failed in stage 'stage'"):
             run.run_site_step("step1", "FrDF")
-    record = run.ledger.get("step1", "FrDF", "stage")
+    record = run.ledger.get("step1", "FrDF", "stage", group="g000")
     assert record is not None and record.state == "FAILED" and record.error
+
+
+@pytest.mark.slow
+def test_one_failing_group_names_its_quanta_and_rerun_and_the_others_finish(
+    tmp_path: Path,
+) -> None:
+    spec_path = _spec_file(tmp_path, visits=8)
+    # The pipeline is the spec's own copy, so that one visit's calibrateImage can be made to
+    # fail (the mock task's fail_condition) once the plan says which group holds it.
+    pipeline = tmp_path / "DRP-mock.yaml"
+    pipeline.write_text((ROOT / "pipelines" / "DRP-mock.yaml").read_text())
+    spec_path.write_text(
+        spec_path.read_text().replace(f"yaml: {ROOT}/pipelines/DRP-mock.yaml", f"yaml: {pipeline}")
+    )
+    spec = load_spec(spec_path)
+    workdir = tmp_path / "work"
+    seed_embedded(spec, workdir)
+    with dask_client(workers=2) as client:
+        run = make_campaign_run(spec, workdir, client)
+        run.run_all([])
+        site = next(s for s in spec.site_names if len(run.groups("step1", s)) > 1)
+        groups = run.groups("step1", site)
+        assert groups[1].visits is not None
+        bad_visit = groups[1].visits[0]
+        text = pipeline.read_text().replace(
+            '        config.outputs["exposure"] = C(dataset_type_name="pvi"',
+            f'        config.fail_condition = "visit = {bad_visit}"\n'
+            '        config.outputs["exposure"] = C(dataset_type_name="pvi"',
+        )
+        assert "fail_condition" in text
+        pipeline.write_text(text)
+        with pytest.raises(SiteStepFailed) as info:
+            run.run_site_step("step1", site)
+    failure = info.value
+    message = str(failure)
+    assert failure.groups == [groups[1].name], message
+    assert f"step1@{site}#001 failed in stage 'submit'" in message
+    assert "calibrateImage" in message and f"visit={bad_visit}" in message
+    assert f"-p site={site} -p group=g001" in message
+    # The other groups finished: published and at the hub.
+    for group in groups:
+        done = run.ledger.is_done("step1", site, "arrive", group=group.name)
+        assert done == (group.index != 1), group.label
+    failed = run.ledger.get("step1", site, "submit", group="g001")
+    assert failed is not None and failed.state == "FAILED"
+    assert run.ledger.get("step1", site, "publish", group="g001") is None

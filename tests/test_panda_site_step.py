@@ -65,6 +65,7 @@ prefect_api = blocks_conftest.prefect_api
 
 STEP = "step1"
 SITE = "FrDF"
+G = "g000"  # FrDF runs step1 as one group (3 visits)
 AFTER_SUBMIT = ["submit", "publish", "arrive"]
 WAIT_S = 300.0  # generous: every PanDA call is a child process importing BPS
 
@@ -129,9 +130,9 @@ def campaign(
         run.distribute_inputs()
         with pytest.raises(SiteStepFailed, match="StopBeforeSubmit"):
             run.run_site_step(STEP, SITE, runner=until_submit)
-        assert run.ledger.get(STEP, SITE, "submit") is None
-        assert run.ledger.is_done(STEP, SITE, "build")
-        assert int(run.ledger.get(STEP, SITE, "build").figures["n_quanta"]) > 0  # type: ignore[union-attr]
+        assert run.ledger.get(STEP, SITE, "submit", group=G) is None
+        assert run.ledger.is_done(STEP, SITE, "build", group=G)
+        assert int(run.ledger.get(STEP, SITE, "build", group=G).figures["n_quanta"]) > 0  # type: ignore[union-attr]
         yield Campaign(spec_path, workdir, client, run)
 
 
@@ -141,8 +142,8 @@ def fresh_submission(
     """Forget FrDF's step1 submission (stages after build, its run id, BPS's submit directory)
     and give FrDF a new PandaWorkload from the factory, staging under ``tmp``."""
     run = campaign.run
-    run.ledger.reset(STEP, SITE, AFTER_SUBMIT)
-    run.ledger.delete_names(STEP, SITE, ["run_id"])
+    run.ledger.reset(STEP, SITE, AFTER_SUBMIT, group=G)
+    run.ledger.delete_names(STEP, SITE, ["run_id"], group=G)
     shutil.rmtree(_submit_yaml(run)["submitPath"], ignore_errors=True)
     workload = make_workload(
         SITE, campaign.workdir, campaign.client, panda_values(server, token, tmp)
@@ -152,15 +153,21 @@ def fresh_submission(
     return workload
 
 
+def _graph_file(run: CampaignRun) -> Path:
+    """Where the graph of FrDF's step1 (its one group) is, in its current attempt."""
+    (unit,) = run.units(STEP, SITE)
+    return run.repo(SITE) / unit.graph_path
+
+
 def _submit_yaml(run: CampaignRun) -> dict[str, Any]:
     """The BPS submit file the ``bps`` stage rendered for FrDF's step1."""
-    bps = run.ledger.get(STEP, SITE, "bps")
+    bps = run.ledger.get(STEP, SITE, "bps", group=G)
     assert bps is not None
     return dict(yaml.safe_load(Path(bps.figures["file"]).read_text()))
 
 
 def _per_label_jobs(run: CampaignRun) -> dict[str, int]:
-    build = run.ledger.get(STEP, SITE, "build")
+    build = run.ledger.get(STEP, SITE, "build", group=G)
     assert build is not None
     return {**build.figures["per_task"], "pipetaskInit": 1, "finalJob": 1}
 
@@ -218,8 +225,10 @@ def _no_site_step_left(server: PandaTestServer) -> Iterator[None]:
 
 
 def wait_for_run_id(run: CampaignRun, job: Background) -> str:
-    job.wait_for(lambda: run.ledger.name(STEP, SITE, "run_id") is not None, "the submission")
-    run_id = run.ledger.name(STEP, SITE, "run_id")
+    job.wait_for(
+        lambda: run.ledger.name(STEP, SITE, "run_id", group=G) is not None, "the submission"
+    )
+    run_id = run.ledger.name(STEP, SITE, "run_id", group=G)
     assert run_id is not None
     return run_id
 
@@ -273,26 +282,26 @@ def test_success_submits_once_to_the_sites_panda_queue(
     assert {w["label"]: w["n_jobs"] for w in works} == _per_label_jobs(run)
     assert {w["queue"] for w in works if w["label"] == "finalJob"} == {"CC-IN2P3_Rubin_Merge"}
     # Submitted and recorded, not done: the stage polls until the run ends.
-    submit = run.ledger.get(STEP, SITE, "submit")
+    submit = run.ledger.get(STEP, SITE, "submit", group=G)
     assert submit is not None and submit.state == StageState.RUNNING
     server.start_request(run_id)
     server.finish(run_id)
     result = job.result()
     assert isinstance(result, SiteStepResult), result
     assert not result.skipped and result.n_quanta == sum(_per_label_jobs(run).values()) - 2
-    submit = run.ledger.get(STEP, SITE, "submit")
+    submit = run.ledger.get(STEP, SITE, "submit", group=G)
     assert submit is not None and submit.state == StageState.DONE
-    assert submit.figures["run_id"] == run_id == run.ledger.name(STEP, SITE, "run_id")
+    assert submit.figures["run_id"] == run_id == run.ledger.name(STEP, SITE, "run_id", group=G)
     assert submit.figures["labels"] == _per_label_jobs(run)  # every job succeeded
     # No job really ran on the test server: nothing to publish, only the graph to ship.
     assert result.published_files == 0
-    assert run.ledger.get(STEP, SITE, "publish").figures["files"] == 0  # type: ignore[union-attr]
-    assert run.ledger.is_done(STEP, SITE, "arrive")
+    assert run.ledger.get(STEP, SITE, "publish", group=G).figures["files"] == 0  # type: ignore[union-attr]
+    assert run.ledger.is_done(STEP, SITE, "arrive", group=G)
     assert server.commands("submit") == submits + 1 and len(server.workflows) == before + 1
     # A cancellation arriving after the run ended cancels nothing.
     aborts = server.commands("abort")
     cancel_hook()
-    assert server.commands("abort") == aborts and run.ledger.is_done(STEP, SITE, "submit")
+    assert server.commands("abort") == aborts and run.ledger.is_done(STEP, SITE, "submit", group=G)
 
 
 def test_partial_failure_names_labels_and_exit_codes_then_rerun_restarts(
@@ -318,11 +327,11 @@ def test_partial_failure_names_labels_and_exit_codes_then_rerun_restarts(
     assert f"isr: 2/{jobs['isr']} failed (exit codes [137])" in message
     assert f"calibrateImage: 1/{jobs['calibrateImage']} failed (exit codes [1])" in message
     assert "pipetaskInit" not in message and "finalJob" not in message
-    submit = run.ledger.get(STEP, SITE, "submit")
+    submit = run.ledger.get(STEP, SITE, "submit", group=G)
     assert submit is not None and submit.state == StageState.FAILED
     assert submit.error == f"SiteStepFailed: {message}"
-    assert run.ledger.get(STEP, SITE, "publish") is None  # nothing after the failed stage
-    assert run.ledger.name(STEP, SITE, "run_id") == run_id
+    assert run.ledger.get(STEP, SITE, "publish", group=G) is None  # nothing after the failed stage
+    assert run.ledger.name(STEP, SITE, "run_id", group=G) == run_id
 
     # The operator reruns the site-step: iDDS retries the failed jobs of the same request.
     job = site_step(run)
@@ -332,11 +341,11 @@ def test_partial_failure_names_labels_and_exit_codes_then_rerun_restarts(
     server.finish(run_id)
     result = job.result()
     assert isinstance(result, SiteStepResult), result
-    submit = run.ledger.get(STEP, SITE, "submit")
+    submit = run.ledger.get(STEP, SITE, "submit", group=G)
     assert submit is not None and submit.state == StageState.DONE and submit.attempts == 2
-    assert submit.figures["run_id"] == run_id == run.ledger.name(STEP, SITE, "run_id")
+    assert submit.figures["run_id"] == run_id == run.ledger.name(STEP, SITE, "run_id", group=G)
     assert submit.figures["labels"] == jobs
-    assert run.ledger.is_done(STEP, SITE, "arrive")
+    assert run.ledger.is_done(STEP, SITE, "arrive", group=G)
     # One submission in all; one retry.
     assert server.commands("submit") == submits + 1 and len(server.workflows) == before + 1
     assert server.commands("retry") == retries + 1
@@ -386,7 +395,7 @@ def test_rerun_after_a_crash_polls_the_running_request(
         proc.stdin.write(json.dumps(request))
         proc.stdin.close()
         deadline = time.monotonic() + WAIT_S
-        while run.ledger.name(STEP, SITE, "run_id") is None:
+        while run.ledger.name(STEP, SITE, "run_id", group=G) is None:
             assert proc.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
             assert time.monotonic() < deadline, "the driver did not submit"
             time.sleep(0.05)
@@ -394,9 +403,9 @@ def test_rerun_after_a_crash_polls_the_running_request(
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         log.close()
-    run_id = run.ledger.name(STEP, SITE, "run_id")
+    run_id = run.ledger.name(STEP, SITE, "run_id", group=G)
     assert run_id is not None and len(server.workflows) == before + 1
-    submit = run.ledger.get(STEP, SITE, "submit")
+    submit = run.ledger.get(STEP, SITE, "submit", group=G)
     assert submit is not None and submit.state == StageState.RUNNING  # what the crash left
     with sqlite3.connect(run.ledger.path) as c:
         holders = c.execute("SELECT pid FROM leases WHERE step=? AND site=?", (STEP, SITE))
@@ -409,9 +418,9 @@ def test_rerun_after_a_crash_polls_the_running_request(
     server.finish(run_id)
     result = job.result()
     assert isinstance(result, SiteStepResult), result
-    submit = run.ledger.get(STEP, SITE, "submit")
+    submit = run.ledger.get(STEP, SITE, "submit", group=G)
     assert submit is not None and submit.state == StageState.DONE
-    assert submit.figures["run_id"] == run_id == run.ledger.name(STEP, SITE, "run_id")
+    assert submit.figures["run_id"] == run_id == run.ledger.name(STEP, SITE, "run_id", group=G)
     assert server.commands("submit") == submits + 1 and len(server.workflows) == before + 1
     assert server.commands("retry") == retries  # RUNNING: polled, not restarted
 
@@ -429,7 +438,7 @@ def test_flow_cancellation_cancels_the_panda_request(
     cancel_hook()
     assert server.commands("abort") == aborts + 1
     assert server.request(run_id).status == "ToCancel"
-    submit = run.ledger.get(STEP, SITE, "submit")
+    submit = run.ledger.get(STEP, SITE, "submit", group=G)
     assert submit is not None and submit.state == StageState.FAILED
     assert submit.error == f"cancelled with the flow run (run {run_id})"
     # iDDS's agents act on the abort: the request ends cancelled, and so does the stage.
@@ -439,38 +448,39 @@ def test_flow_cancellation_cancels_the_panda_request(
     assert f"run {run_id} CANCELLED" in str(failure) and failure.stage == "submit"
     assert server.request(run_id).status == "Cancelled"
     assert all(t.status == "Cancelled" for t in server.request(run_id).transforms)
-    submit = run.ledger.get(STEP, SITE, "submit")
+    submit = run.ledger.get(STEP, SITE, "submit", group=G)
     assert submit is not None and submit.state == StageState.FAILED
     assert "CANCELLED" in (submit.error or "")
-    assert run.ledger.get(STEP, SITE, "publish") is None
+    assert run.ledger.get(STEP, SITE, "publish", group=G) is None
     assert len(server.workflows) == before + 1
-    assert "Rerun the site-step to submit it afresh as attempt" in str(failure)
+    assert "Rerun the group to submit it afresh as attempt" in str(failure)
     cancel_hook()  # a second cancellation is harmless
     assert server.request(run_id).status == "Cancelled"
 
     # The operator reruns the site-step: a cancelled run cannot be resumed, so it is submitted
     # afresh as the next attempt, with its own output run, graph and BPS directory.
-    attempt = run.attempt(STEP, SITE) + 1
-    old_graph = run.graph_file(STEP, SITE)
+    attempt = run.attempt(STEP, SITE, G) + 1
+    old_graph = _graph_file(run)
     job = site_step(run)
     job.wait_for(
-        lambda: run.ledger.name(STEP, SITE, "run_id") not in (None, run_id), "the new submission"
+        lambda: run.ledger.name(STEP, SITE, "run_id", group=G) not in (None, run_id),
+        "the new submission",
     )
-    new_id = run.ledger.name(STEP, SITE, "run_id")
+    new_id = run.ledger.name(STEP, SITE, "run_id", group=G)
     assert new_id is not None and len(server.workflows) == before + 2
-    assert run.attempt(STEP, SITE) == attempt
-    new_run = f"{run.spec.campaign}/{STEP}/{SITE}/run-attempt{attempt}"
-    assert run.site_output_run(STEP, SITE) == new_run
+    assert run.attempt(STEP, SITE, G) == attempt
+    new_run = f"{run.spec.campaign}/{STEP}/{SITE}/{G}-attempt{attempt}"
+    assert run.units(STEP, SITE)[0].output_run == new_run
     submitted = _submit_yaml(run)
     assert submitted["payload"]["outputRun"] == new_run
-    assert submitted["submitPath"].endswith(f"{STEP}-attempt{attempt}")
-    assert run.graph_file(STEP, SITE) != old_graph and old_graph.exists()
-    assert run.ledger.get(STEP, SITE, "stage").attempts == 1  # type: ignore[union-attr]
+    assert submitted["submitPath"].endswith(f"{STEP}/{G}-attempt{attempt}")
+    assert _graph_file(run) != old_graph and old_graph.exists()
+    assert run.ledger.get(STEP, SITE, "stage", group=G).attempts == 1  # type: ignore[union-attr]
     server.start_request(new_id)
     server.finish(new_id)
     result = job.result()
     assert isinstance(result, SiteStepResult), result
-    submit = run.ledger.get(STEP, SITE, "submit")
+    submit = run.ledger.get(STEP, SITE, "submit", group=G)
     assert submit is not None and submit.state == StageState.DONE
     assert submit.figures["run_id"] == new_id
     assert server.request(run_id).status == "Cancelled"  # the old one was left alone
@@ -497,11 +507,11 @@ def test_expired_token_tells_the_operator_what_to_run(
     assert f"PANDA_CONFIG_ROOT={workload.settings.config_root}" in message
     assert "PandaCredentials block" in message
     assert len(server.calls) == calls  # refused before any call
-    submit = run.ledger.get(STEP, SITE, "submit")
+    submit = run.ledger.get(STEP, SITE, "submit", group=G)
     assert submit is not None and submit.state == StageState.FAILED
     assert submit.error is not None and "panda_auth reset" in submit.error
-    assert run.ledger.name(STEP, SITE, "run_id") is None
-    assert run.ledger.get(STEP, SITE, "publish") is None
+    assert run.ledger.name(STEP, SITE, "run_id", group=G) is None
+    assert run.ledger.get(STEP, SITE, "publish", group=G) is None
     assert expired not in message and expired.encode() not in _ledger_bytes(campaign.workdir)
 
 
@@ -527,9 +537,11 @@ def test_token_refused_while_polling_then_refreshed_rerun_resumes(
     )
     assert "Token authentication failed" in message and "`panda_auth reset`" in message
     assert old not in message and old.encode() not in _ledger_bytes(campaign.workdir)
-    submit = run.ledger.get(STEP, SITE, "submit")
+    submit = run.ledger.get(STEP, SITE, "submit", group=G)
     assert submit is not None and submit.state == StageState.FAILED
-    assert run.ledger.name(STEP, SITE, "run_id") == run_id  # kept: the run goes on at PanDA
+    assert (
+        run.ledger.name(STEP, SITE, "run_id", group=G) == run_id
+    )  # kept: the run goes on at PanDA
 
     # The operator stores a new token (the factory builds FrDF's service from it) and reruns.
     new = server.issue_token("operator")
@@ -542,7 +554,7 @@ def test_token_refused_while_polling_then_refreshed_rerun_resumes(
     server.finish(run_id)
     result = job.result()
     assert isinstance(result, SiteStepResult), result
-    submit = run.ledger.get(STEP, SITE, "submit")
+    submit = run.ledger.get(STEP, SITE, "submit", group=G)
     assert submit is not None and submit.state == StageState.DONE
     assert submit.figures["run_id"] == run_id and len(server.workflows) == before + 1
 
@@ -571,12 +583,12 @@ def test_unreachable_server_is_retried_then_named_and_nothing_is_done(
     assert f"PanDA server {dead} of site FrDF did not answer submit after 3 attempt(s)" in message
     assert "Nothing was changed" in message and token not in message
     # Nothing marked done, nothing recorded, nothing staged or prepared for BPS.
-    submit = run.ledger.get(STEP, SITE, "submit")
+    submit = run.ledger.get(STEP, SITE, "submit", group=G)
     assert submit is not None and submit.state == StageState.FAILED
     assert submit.error == f"WorkloadError: {cause}"
-    assert run.ledger.name(STEP, SITE, "run_id") is None
+    assert run.ledger.name(STEP, SITE, "run_id", group=G) is None
     assert [r.stage for r in run.ledger.records(STEP, SITE) if not r.done] == ["submit"]
-    assert run.ledger.get(STEP, SITE, "publish") is None
+    assert run.ledger.get(STEP, SITE, "publish", group=G) is None
     assert not (tmp_path / "panda-stage").exists()
     assert not Path(_submit_yaml(run)["submitPath"]).exists()
     assert len(server.workflows) == before

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..model.spec import CampaignSpec, Problem
+from ..model.staging import StepFlow
 
 __all__ = ["check_pipeline", "pipeline_inputs", "pipeline_labels"]
 
@@ -132,3 +133,34 @@ def pipeline_inputs(pipeline_uri: str, subsets: Sequence[str]) -> list[str]:
     labels = ",".join(dict.fromkeys(subsets))
     graph = Pipeline.from_uri(f"{pipeline_uri}#{labels}").to_graph()
     return sorted(name for name, _ in graph.iter_overall_inputs())
+
+
+def step_dataflow(pipeline_uri: str, subsets: Sequence[str]) -> dict[str, StepFlow]:
+    """What each step reads from outside itself and what it writes, by dataset type.
+
+    Parameters
+    ----------
+    pipeline_uri : `str`
+        The pipeline YAML.
+    subsets : sequence of `str`
+        The steps' subset labels.
+
+    Returns
+    -------
+    flows : `dict` [`str`, `StepFlow`]
+        Subset label -> its overall inputs (prerequisites included) and its outputs.
+    """
+    import lsst.pipe.base.tests.mocks  # noqa: F401  (the emulated tasks' storage classes)
+    from lsst.pipe.base import Pipeline
+
+    out: dict[str, StepFlow] = {}
+    for subset in dict.fromkeys(subsets):
+        graph = Pipeline.from_uri(f"{pipeline_uri}#{subset}").to_graph()
+        inputs = frozenset(name for name, _ in graph.iter_overall_inputs())
+        outputs = frozenset(
+            edge.parent_dataset_type_name
+            for task in graph.tasks.values()
+            for edge in task.outputs.values()
+        )
+        out[subset] = StepFlow(inputs, outputs)
+    return out

@@ -520,3 +520,28 @@ def step_requests(
             )
         )
     return requests
+
+
+def read_summary(graph_file: str | Path) -> GraphSummary:
+    """The `GraphSummary` of a saved graph, from its header (no quantum is read).
+
+    For a graph built by a run that was killed before it recorded the build: the rerun reuses
+    the file instead of building a new graph under the same name.
+    """
+    from lsst.pipe.base.pipeline_graph import TaskImportMode
+    from lsst.pipe.base.quantum_graph import PredictedQuantumGraphReader
+
+    with PredictedQuantumGraphReader.open(
+        str(graph_file), import_mode=TaskImportMode.DO_NOT_IMPORT
+    ) as reader:
+        header = reader.header
+        per_task = {label: n for label, n in header.n_task_quanta.items() if n}
+        metadata = dict(header.metadata or {})
+    return GraphSummary(
+        n_quanta=sum(per_task.values()),
+        per_task=per_task,
+        file=Path(graph_file),
+        step=str(metadata.get("drp_campaign_step", "")),
+        site=str(metadata.get("drp_campaign_site", "")),
+        where=str(metadata.get("data_query", "")),
+    )

@@ -511,6 +511,9 @@ class SiteStepSubmit:
     setup_command : `str`, optional
         PanDA only: shell commands, each ending with ``;``, that set up the stack on the worker
         node (e.g. ``source /path/to/venv/bin/activate;``).
+    payload : `str`, optional
+        The ``payloadName``; `payload_name` of the site-step when `None` (a group's submission
+        adds its group, `drp_campaign.model.units.WorkUnit.payload_name`).
     """
 
     campaign: str
@@ -537,6 +540,7 @@ class SiteStepSubmit:
     file_distribution_end_point: str | None = None
     idds_server: str | None = None
     setup_command: str = ""
+    payload: str | None = None
 
     def __post_init__(self) -> None:
         # Freeze the containers so a submit cannot change after it was planned.
@@ -658,7 +662,7 @@ def _submit_dict(s: SiteStepSubmit) -> dict[str, Any]:
         "operator": s.operator,
         "pipelineYaml": f"{s.pipeline_yaml}#{s.subset}",
         "payload": {
-            "payloadName": payload_name(s.campaign, s.step, s.site),
+            "payloadName": s.payload or payload_name(s.campaign, s.step, s.site),
             "butlerConfig": s.butler_config,
             "inCollection": ",".join(s.input_collections),
             "dataQuery": s.data_query,

@@ -36,6 +36,7 @@ __all__ = [
     "Group",
     "equal_ranges",
     "groups_document",
+    "groups_from_document",
     "plan_groups",
     "site_groups",
     "sky_order",
@@ -284,3 +285,38 @@ def groups_document(groups: dict[str, list[Group]]) -> dict[str, list[dict[str, 
             rows.append(row)
         doc[key] = rows
     return doc
+
+
+def groups_from_document(doc: dict[str, list[dict[str, object]]]) -> dict[str, list[Group]]:
+    """The groups of a `groups_document` (``plan/groups.json``), as `Group` values again.
+
+    Raises
+    ------
+    ValueError
+        If a key is not ``step@site`` or a group's name is not ``g<index>``.
+    """
+    out: dict[str, list[Group]] = {}
+    for key, rows in doc.items():
+        step, sep, site = key.partition("@")
+        if not sep or not step or not site:
+            raise ValueError(f"groups.json: {key!r} is not 'step@site'")
+        groups = []
+        for row in rows:
+            name = str(row["group"])
+            if not (name.startswith("g") and name[1:].isdigit()):
+                raise ValueError(f"groups.json: {key}: {name!r} is not a group name (g000)")
+            visits = row.get("visits")
+            patches = row.get("patches")
+            groups.append(
+                Group(
+                    step,
+                    site,
+                    int(name[1:]),
+                    visits=None if visits is None else tuple(int(v) for v in visits),  # type: ignore[attr-defined]
+                    patches=(
+                        None if patches is None else tuple((int(t), int(p)) for t, p in patches)  # type: ignore[attr-defined]
+                    ),
+                )
+            )
+        out[key] = groups
+    return out

@@ -104,30 +104,29 @@ def _graph_distribution(run: Any) -> TestResult:
     ok = True
     for step in run.spec.step_names:
         for site in run.sites_of(step):
-            build = run.ledger.get(step, site, "build")
-            stage = run.ledger.get(step, site, "stage")
-            skipped = any(r is not None and r.state == StageState.SKIPPED for r in (build, stage))
-            built = build is not None and build.state == StageState.DONE
-            at_site = run.graph_file(step, site)
-            at_hub = run.repo(run.hub) / at_site.relative_to(run.repo(site))
-            shipped = (
-                built
-                and at_hub.exists()
-                and at_site.exists()
-                and file_adler32(at_hub) == file_adler32(at_site)
-            )
-            rows[f"{step}@{site}"] = {
-                "built": built,
-                "no_work": skipped,
-                "quanta": int(build.figures.get("n_quanta", 0)) if built and build else 0,
-                "shipped_to_hub": bool(shipped),
-            }
-            ok &= skipped or bool(shipped)
+            row = {"groups": 0, "built": 0, "no_work": 0, "quanta": 0, "shipped_to_hub": 0}
+            for unit in run.units(step, site):
+                row["groups"] += 1
+                build = run.ledger.get(step, site, "build", group=unit.name)
+                stage = run.ledger.get(step, site, "stage", group=unit.name)
+                if any(r is not None and r.state == StageState.SKIPPED for r in (build, stage)):
+                    row["no_work"] += 1
+                    continue
+                if build is None or build.state != StageState.DONE:
+                    continue
+                row["built"] += 1
+                row["quanta"] += int(build.figures.get("n_quanta", 0))
+                at_site = run.repo(site) / unit.graph_path
+                at_hub = run.repo(run.hub) / unit.graph_path
+                if at_hub.exists() and at_site.exists():
+                    row["shipped_to_hub"] += file_adler32(at_hub) == file_adler32(at_site)
+            rows[f"{step}@{site}"] = row
+            ok &= row["no_work"] + row["shipped_to_hub"] == row["groups"]
     return TestResult(
         "processing graphs distributed",
         ok,
         rows,
-        "each site-step's QuantumGraph was built at its site and its file reached the hub intact",
+        "each group's QuantumGraph was built at its site and its file reached the hub intact",
     )
 
 
@@ -150,35 +149,41 @@ def _output_tests(run: Any) -> tuple[TestResult, TestResult]:
     hub_rse = rse_name(run.hub, "butler")
     for step in run.spec.step_names:
         for site in run.sites_of(step):
-            publish = run.ledger.get(step, site, "publish")
-            if publish is None or publish.state != StageState.DONE:
-                skipped = any(
-                    (r := run.ledger.get(step, site, s)) is not None
-                    and r.state == StageState.SKIPPED
-                    for s in ("stage", "build")
+            key = f"{step}@{site}"
+            reg: dict[str, Any] = {"groups": 0, "butler": 0, "catalog": 0}
+            dist = {"published": 0, "replicas_at_hub": 0, "ingested_at_hub": 0}
+            for unit in run.units(step, site):
+                publish = run.ledger.get(step, site, "publish", group=unit.name)
+                if publish is None or publish.state != StageState.DONE:
+                    skipped = any(
+                        (r := run.ledger.get(step, site, s, group=unit.name)) is not None
+                        and r.state == StageState.SKIPPED
+                        for s in ("stage", "build")
+                    )
+                    if not skipped:
+                        reg_ok = dist_ok = False
+                        reg.setdefault("unpublished", []).append(unit.name)
+                    continue
+                reg["groups"] += 1
+                run_name = str(publish.figures["run"])
+                dataset = DID.parse(str(publish.figures["dataset"]))
+                files = run.catalog.list_dataset_files(dataset)
+                in_butler = _products(run, site, run_name)
+                reg["butler"] += len(in_butler)
+                reg["catalog"] += len(files)
+                reg_ok &= len(in_butler) == len(files)
+                at_hub_catalog = sum(
+                    1
+                    for r in run.catalog.list_replicas(dataset)
+                    if r.rse == hub_rse and r.state == ReplicaState.AVAILABLE
                 )
-                if not skipped:
-                    reg_ok = dist_ok = False
-                    registration[f"{step}@{site}"] = {"published": False}
-                continue
-            run_name = str(publish.figures["run"])
-            dataset = DID.parse(str(publish.figures["dataset"]))
-            files = run.catalog.list_dataset_files(dataset)
-            in_butler = _products(run, site, run_name)
-            registration[f"{step}@{site}"] = {"butler": len(in_butler), "catalog": len(files)}
-            reg_ok &= len(in_butler) == len(files)
-            at_hub_catalog = sum(
-                1
-                for r in run.catalog.list_replicas(dataset)
-                if r.rse == hub_rse and r.state == ReplicaState.AVAILABLE
-            )
-            at_hub_butler = len(in_butler & _products(run, run.hub, run_name))
-            distribution[f"{step}@{site}"] = {
-                "published": len(files),
-                "replicas_at_hub": at_hub_catalog,
-                "ingested_at_hub": at_hub_butler,
-            }
-            dist_ok &= len(files) == at_hub_catalog == at_hub_butler
+                at_hub_butler = len(in_butler & _products(run, run.hub, run_name))
+                dist["published"] += len(files)
+                dist["replicas_at_hub"] += at_hub_catalog
+                dist["ingested_at_hub"] += at_hub_butler
+                dist_ok &= len(files) == at_hub_catalog == at_hub_butler
+            registration[key] = reg
+            distribution[key] = dist
     return (
         TestResult(
             "output products registered",
@@ -256,25 +261,27 @@ def _bytes(run: Any) -> tuple[dict[str, Any], dict[tuple[str, str], int]]:
     matrix: dict[tuple[str, str], int] = {}
     moved_pvis: set[tuple[int, int, str]] = set()
     pvi_type = run.spec.pvi  # the pipeline's PVI dataset type, as the spec names it
-    for step in run.spec.step_names:
-        for site in run.sites_of(step):
-            stage = run.ledger.get(step, site, "stage")
-            if stage is None or not stage.figures.get("files"):
-                continue
-            dataset = DID(run.scope, f"{run.spec.campaign}/stage/{step}/{site}")
-            for f in run.catalog.list_dataset_files(dataset):
-                # Product names start with their RUN: <campaign>/<step>/<site>/run/...
-                parts = f.name.split("/")
-                src = parts[2] if len(parts) > 3 and parts[0] == run.spec.campaign else run.hub
-                matrix[(src, site)] = matrix.get((src, site), 0) + f.bytes
-                if pvi_type and (f"/{pvi_type}/" in f"/{f.name}/" or parts[4:5] == [pvi_type]):
-                    moved_pvis.add((*_visit_detector(run, f.name), site))
+    staged = [  # one catalog dataset per group that staged something
+        (site, DID(run.scope, unit.staged_dataset))
+        for step in run.spec.step_names
+        for site in run.sites_of(step)
+        for unit in run.units(step, site)
+        if (stage := run.ledger.get(step, site, "stage", group=unit.name)) is not None
+        and stage.figures.get("files")
+    ]
+    for site, dataset in staged:
+        for f in run.catalog.list_dataset_files(dataset):
+            # Product names start with their RUN: <campaign>/<step>/<site>/<group>/...
+            parts = f.name.split("/")
+            src = parts[2] if len(parts) > 3 and parts[0] == run.spec.campaign else run.hub
+            matrix[(src, site)] = matrix.get((src, site), 0) + f.bytes
+            if pvi_type and (f"/{pvi_type}/" in f"/{f.name}/" or parts[4:5] == [pvi_type]):
+                moved_pvis.add((*_visit_detector(run, f.name), site))
     for site in run.spec.site_names:
         publish_total = 0
-        for step in run.spec.step_names:
-            publish = run.ledger.get(step, site, "publish")
-            if publish is not None and site != run.hub:
-                publish_total += int(publish.figures.get("bytes", 0))
+        for r in run.ledger.records(site=site):
+            if r.stage == "publish" and r.done and site != run.hub:
+                publish_total += int(r.figures.get("bytes", 0))
         if publish_total:
             matrix[(site, run.hub)] = matrix.get((site, run.hub), 0) + publish_total
     distribute = run.ledger.get(CAMPAIGN, CAMPAIGN, "distribute")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import signal
+import sqlite3
 import threading
 from pathlib import Path
 
@@ -115,3 +116,39 @@ def test_another_thread_of_the_same_process_is_busy(tmp_path: Path) -> None:
         t.start()
         t.join()
     assert len(errors) == 1 and isinstance(errors[0], SiteStepBusy)
+
+
+def test_groups_have_their_own_rows_and_names(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    ledger.start("step1", "FrDF", "build", group="g000")
+    ledger.finish("step1", "FrDF", "build", {"n_quanta": 3}, group="g000")
+    ledger.start("step1", "FrDF", "build", group="g001")
+    ledger.set_name("step1", "FrDF", "run_id", "r1", group="g001")
+    assert ledger.is_done("step1", "FrDF", "build", group="g000")
+    assert not ledger.is_done("step1", "FrDF", "build", group="g001")
+    assert ledger.get("step1", "FrDF", "build") is None  # the site-step's own row: none
+    assert ledger.groups("step1", "FrDF") == ["g000", "g001"]
+    assert [r.group for r in ledger.records("step1", "FrDF")] == ["g000", "g001"]
+    assert ledger.names() == {"step1/FrDF/g001/run_id": "r1"}
+    assert ledger.reset("step1", "FrDF", group="g001") == 1
+    assert [r.group for r in ledger.records("step1", "FrDF")] == ["g000"]
+
+
+def test_a_ledger_from_before_groups_is_migrated_with_its_rows(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.sqlite"
+    with sqlite3.connect(path) as c:
+        c.executescript(
+            "CREATE TABLE stages (step TEXT NOT NULL, site TEXT NOT NULL, stage TEXT NOT NULL,"
+            " state TEXT NOT NULL, started REAL, finished REAL, figures TEXT NOT NULL DEFAULT"
+            " '{}', error TEXT, attempts INTEGER NOT NULL DEFAULT 0, seq INTEGER NOT NULL,"
+            " PRIMARY KEY (step, site, stage));"
+            "CREATE TABLE names (step TEXT NOT NULL, site TEXT NOT NULL, key TEXT NOT NULL,"
+            " value TEXT NOT NULL, PRIMARY KEY (step, site, key));"
+            "INSERT INTO stages VALUES ('*', '*', 'plan', 'DONE', 1, 2, '{}', NULL, 1, 1);"
+            "INSERT INTO names VALUES ('step1', 'FrDF', 'run_id', 'r0');"
+        )
+    ledger = Ledger(path)
+    assert ledger.is_done("*", "*", "plan")
+    assert ledger.name("step1", "FrDF", "run_id") == "r0"
+    ledger.set_name("step1", "FrDF", "run_id", "r1", group="g000")  # the new key works
+    assert ledger.name("step1", "FrDF", "run_id") == "r0"
