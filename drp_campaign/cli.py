@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -376,6 +377,47 @@ def status(
             detail[:90],
         )
     console.print(table)
+    groups = workdir / "plan" / "groups.json"
+    if groups.exists():
+        console.print(_group_table(ledger, json.loads(groups.read_text()), step, site))
+
+
+def _group_table(
+    ledger: Any, groups: dict[str, list[Any]], step: str | None, site: str | None
+) -> Table:
+    """Per site-step: its planned groups and how many are done, running, failed, waiting."""
+    from .ledger import StageState
+
+    table = Table(title="groups per site-step (plan/groups.json)")
+    for col in ("site-step", "groups", "done", "running", "failed", "waiting", "failed groups"):
+        table.add_column(col)
+    for key, planned in groups.items():
+        step_name, _, site_name = key.partition("@")
+        if (step and step_name != step) or (site and site_name != site):
+            continue
+        states: dict[str, set[str]] = {str(g["group"]): set() for g in planned}
+        ended: dict[str, bool] = dict.fromkeys(states, False)
+        for r in ledger.records(step_name, site_name):
+            if r.group in states:
+                states[r.group].add(r.state)
+                ended[r.group] |= (r.stage == "arrive" and r.done) or r.state == StageState.SKIPPED
+        failed = sorted(g for g, s in states.items() if StageState.FAILED in s and not ended[g])
+        running = [
+            g
+            for g, s in states.items()
+            if StageState.RUNNING in s and not ended[g] and g not in failed
+        ]
+        done = sum(ended.values())
+        table.add_row(
+            key,
+            str(len(states)),
+            str(done),
+            str(len(running)),
+            f"[red]{len(failed)}[/]" if failed else "0",
+            str(len(states) - done - len(running) - len(failed)),
+            ", ".join(failed)[:60],
+        )
+    return table
 
 
 def _mount_subcommands() -> None:

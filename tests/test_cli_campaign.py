@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -45,6 +46,32 @@ def test_status_prints_the_ledger(tmp_path: Path) -> None:
     assert "FAILED" in text and "notingestedatUKDF" in text
     only = CliRunner().invoke(app, ["status", "--workdir", str(tmp_path), "--site", "FrDF"])
     assert "UKDF" not in only.output and "FrDF" in only.output
+
+
+def test_status_counts_each_site_steps_groups(tmp_path: Path) -> None:
+    (tmp_path / "plan").mkdir()
+    groups = {"step1@FrDF": [{"group": f"g00{i}", "visits": [i]} for i in range(4)]}
+    (tmp_path / "plan" / "groups.json").write_text(json.dumps(groups))
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    for stage in ("stage", "bps", "build", "submit", "publish", "arrive"):
+        ledger.start("step1", "FrDF", stage, group="g000")
+        ledger.finish("step1", "FrDF", stage, group="g000")
+    ledger.start("step1", "FrDF", "submit", group="g001")
+    ledger.fail("step1", "FrDF", "submit", "run FAILED: calibrateImage 1/9", group="g001")
+    ledger.start("step1", "FrDF", "build", group="g002")
+    result = CliRunner().invoke(app, ["status", "--workdir", str(tmp_path)], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    row = next(line for line in result.output.splitlines() if "step1@FrDF" in line)
+    # groups, done, running, failed, waiting, the failed group's name
+    assert [c.strip() for c in row.split("│")[1:-1]] == [
+        "step1@FrDF",
+        "4",
+        "1",
+        "1",
+        "1",
+        "1",
+        "g001",
+    ]
 
 
 def _cells(output: str) -> str:
