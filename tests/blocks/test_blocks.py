@@ -316,6 +316,7 @@ def test_blocks_local(prefect_api: Server, tmp_path: Path) -> None:
             "storage_root": str(workdir.resolve() / "storage"),
             "catalog_backend": "embedded",
             "workload_backend": "local",
+            "groups_in_flight": 2,
             "rucio": None,
             "panda": None,
         }
