@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from .backends.butler import open_repo
+from .backends.butler import open_repo, site_has
 from .backends.ingest import (
     ANCILLARY_SCOPE,
     RAW_FILE,
@@ -92,7 +92,6 @@ __all__ = [
     "campaign_output",
     "is_product",
     "product_filter",
-    "site_has",
     "staged_collection",
 ]
 
@@ -886,17 +885,3 @@ class CampaignRun:
                 )
             self.ledger.reset(step, site, group="")  # a site-step skip is decided again
             return {u.name: self.new_attempt(u).attempt for u in units}
-
-
-def site_has(butler: Any, ref: Any, collections: Sequence[str]) -> bool:
-    """Whether a site's repo holds ``ref``, or the same dataset made there (e.g. its skyMap)."""
-    from lsst.daf.butler import MissingCollectionError, MissingDatasetTypeError
-
-    if butler.get_dataset(ref.id) is not None:
-        return True
-    if ref.datasetType.isCalibration():
-        return False  # calibrations travel with their UUIDs (distribute_inputs)
-    try:
-        return butler.find_dataset(ref.datasetType, ref.dataId, collections=collections) is not None
-    except (MissingDatasetTypeError, MissingCollectionError):
-        return False

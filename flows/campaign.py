@@ -82,7 +82,7 @@ def _campaign_run_name() -> str:
 
 
 def _phase_runner(phase: str, label: str, fn: Any) -> Any:
-    # One Prefect task per phase of a group (build, run, publish), named for the UI like
+    # One Prefect task per phase of a group (build, run), named for the UI like
     # "build step1@FrDF#003"; never one per quantum. The ledger makes each idempotent.
     return task(name=phase, task_run_name=f"{phase} {label}")(fn)()
 
@@ -128,7 +128,7 @@ def drp_site_step(
     group: str | None = None,
 ) -> dict[str, Any]:
     """Run one step at one site, group by group: stage inputs, BPS file, graph, submit and
-    wait, publish, arrive (three tasks per group: build, run, publish).
+    wait, publish, arrive (two tasks per group: build, run).
 
     Parameters
     ----------

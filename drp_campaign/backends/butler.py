@@ -99,6 +99,7 @@ __all__ = [
     "DEFAULT_FILE_SIZE",
     "RAW_DATASET_TYPE",
     "has_collection",
+    "site_has",
     "SKYMAP_DATASET_TYPE",
     "SKYMAP_RUN",
     "Collections",
@@ -1216,3 +1217,17 @@ def copy_raws(
         with open_repo(site_root) as dst:
             dst.transfer_from(hub, refs, transfer="copy")
     return len(refs)
+
+
+def site_has(butler: Butler, ref: Any, collections: Sequence[str]) -> bool:
+    """Whether a site's repo holds ``ref``, or the same dataset made there (e.g. its skyMap)."""
+    from lsst.daf.butler import MissingCollectionError, MissingDatasetTypeError
+
+    if butler.get_dataset(ref.id) is not None:
+        return True
+    if ref.datasetType.isCalibration():
+        return False  # calibrations travel with their UUIDs (distribute_inputs)
+    try:
+        return butler.find_dataset(ref.datasetType, ref.dataId, collections=collections) is not None
+    except (MissingDatasetTypeError, MissingCollectionError):
+        return False

@@ -1,8 +1,8 @@
 """One step at one site: its groups run through their stages, graphs built ahead of execution.
 
-Every group goes through three phases, each one coarse unit for the orchestrator (one Prefect
+Every group goes through two phases, each one coarse unit for the orchestrator (one Prefect
 task each, named like ``build step1@FrDF#003``): ``build`` (stage its inputs, write its BPS file,
-build its graph), ``run`` (submit and wait) and ``publish`` (publish, arrive). Groups run in
+build its graph) and ``run`` (submit and wait, publish, arrive). Groups run in
 threads: while the first ones run, the next ones build their graphs on the Dask client. At most
 ``in_flight`` groups of a site are submitted at once (a real WMS queue is the limit), and at
 most as many more are building ahead, so a site-step of thousands of groups never holds
@@ -13,6 +13,7 @@ fails at the end naming every failed group, its stage, its cause and its rerun c
 from __future__ import annotations
 
 import contextvars
+import functools
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -38,11 +39,12 @@ STAGES: Mapping[str, Callable[[CampaignRun, WorkUnit], dict[str, Any]]] = {
     "publish": publish.publish,
     "arrive": publish.arrive,
 }
-#: The phases of a group (one orchestrator task each) and the stages each runs.
+#: The phases of a group (one orchestrator task each) and the stages each runs. Two, not one
+#: per stage: at DR1 a campaign has thousands of groups, and each task run costs the
+#: orchestrator and its database.
 PHASES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("build", ("stage", "bps", "build")),
-    ("run", ("submit",)),
-    ("publish", ("publish", "arrive")),
+    ("run", ("submit", "publish", "arrive")),
 )
 
 #: ``runner(phase, label, fn)`` runs one phase's work ``fn()``; the flows make it a task.
@@ -102,14 +104,15 @@ def run_group(
             record = run.ledger.get(unit.step, unit.site, stage, group=unit.name)
             if record is not None and record.state == StageState.SKIPPED:
                 return {"skipped": record.figures.get("reason", "nothing to do")}
+            work = functools.partial(STAGES[stage], run, unit)
             try:
-                done[stage] = run.run_stage(
-                    unit.step,
-                    unit.site,
-                    stage,
-                    lambda s=stage: STAGES[s](run, unit),  # type: ignore[misc]
-                    group=unit.name,
-                )
+                if slots is not None and stage == "submit":
+                    with slots:  # the site's bound on groups in flight
+                        done[stage] = run.run_stage(
+                            unit.step, unit.site, stage, work, group=unit.name
+                        )
+                else:
+                    done[stage] = run.run_stage(unit.step, unit.site, stage, work, group=unit.name)
             except Skip as skip:  # recorded SKIPPED by run_stage: the phase itself succeeds
                 return {"skipped": str(skip)}
             except GroupFailure:
@@ -119,11 +122,7 @@ def run_group(
         return done
 
     for phase, stages in PHASES:
-        if slots is not None and phase == "run":
-            with slots:
-                figures = runner(phase, unit.label, lambda st=stages: phase_work(st))  # type: ignore[misc]
-        else:
-            figures = runner(phase, unit.label, lambda st=stages: phase_work(st))  # type: ignore[misc]
+        figures = runner(phase, unit.label, functools.partial(phase_work, stages))
         if "skipped" in figures:
             run.progress(f"{unit.label}: nothing to do ({figures['skipped']})")
             outcome.skipped = True
