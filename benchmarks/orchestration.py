@@ -38,91 +38,38 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
-import shlex
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections import Counter
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from _campaign import (
-    CLI,
     ROOT,
     LedgerRow,
+    Run,
     demo_spec,
     ledger_rows,
     load_average,
+    log_tail,
+    prefect_counts,
+    prefect_server,
     rounded,
+    run_cli,
     seed_repos,
+    server_cpu_s,
 )
 
-SERVER = [sys.executable, str(ROOT / "scripts" / "prefect_server.py")]
 CORES = os.cpu_count() or 1
 # Timings are flagged as noisy when other work averaged more than this many cores during a run.
 FOREIGN_CPU_NOISY = 0.25
 
 # ----------------------------------------------------------------------------------------------
 # Helpers
-
-
-def cpu_busy_s() -> float:
-    """CPU seconds the whole machine has spent busy since boot (every core, from /proc/stat)."""
-    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
-    # user nice system idle iowait irq softirq steal ...: idle and iowait are not busy.
-    ticks = [int(f) for f in fields[:8]]
-    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
-
-
-def children_cpu_s() -> float:
-    """CPU seconds of this process's reaped descendants (the runs and their Dask workers)."""
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
-
-
-@dataclass
-class Run:
-    """One ``drp-campaign`` process: exit status, times, and the CPU it and the machine used."""
-
-    rc: int
-    wall_s: float
-    started: float  # epoch seconds, to compare with the ledger's times
-    ended: float
-    cpu_s: float  # the process tree's CPU seconds
-    busy_s: float  # the whole machine's busy CPU seconds over the same interval
-
-
-def run_cli(args: list[str], log: Path, env: Mapping[str, str] | None = None) -> Run:
-    """Run ``drp-campaign ARGS`` to the end (output appended to ``log``)."""
-    cpu0, busy0 = children_cpu_s(), cpu_busy_s()
-    started = time.time()
-    t0 = time.perf_counter()
-    with log.open("a") as out:
-        out.write(f"\n$ drp-campaign {shlex.join(args)}\n")
-        out.flush()
-        # Its own session, so that an interrupted benchmark can stop the run and its workers.
-        proc = subprocess.Popen(
-            [*CLI, *args], cwd=ROOT, stdout=out, stderr=out, env=env, start_new_session=True
-        )
-        try:
-            rc = proc.wait()
-        except BaseException:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            raise
-    wall = time.perf_counter() - t0
-    return Run(rc, wall, started, time.time(), children_cpu_s() - cpu0, cpu_busy_s() - busy0)
-
-
-def _tail(log: Path, lines: int = 40) -> str:
-    return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -180,88 +127,6 @@ def fixed_start(server_s: float, delay_prefect: float, delay_plain: float) -> fl
 # The Prefect server
 
 
-def read_env_sh(path: Path) -> dict[str, str]:
-    """The variables ``scripts/prefect_server.py`` exports in ``env.sh``."""
-    env: dict[str, str] = {}
-    for line in path.read_text().splitlines():
-        words = shlex.split(line, comments=True)
-        if len(words) == 2 and words[0] == "export" and "=" in words[1]:
-            key, value = words[1].split("=", 1)
-            env[key] = value
-    return env
-
-
-def server_cpu_s(pid: int) -> float:
-    """CPU seconds of the server process and its descendants so far."""
-    import psutil
-
-    total = 0.0
-    try:
-        root = psutil.Process(pid)
-        for p in [root, *root.children(recursive=True)]:
-            try:
-                t = p.cpu_times()
-                total += t.user + t.system + t.children_user + t.children_system
-            except psutil.Error:
-                pass
-    except psutil.Error:
-        pass
-    return total
-
-
-def prefect_counts(api_url: str) -> dict[str, Any]:
-    """Task and flow runs the server recorded, by name, with their durations per stage."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowFilter, FlowFilterId
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    page = 200  # the server's maximum page size
-    with temporary_settings({PREFECT_API_URL: api_url}):
-        with get_client(sync_client=True) as client:
-            n_tasks = int(client.request("POST", "/task_runs/count", json={}).json())
-            n_flows = int(client.request("POST", "/flow_runs/count", json={}).json())
-            flow_runs: list[Any] = []
-            while len(flow_runs) < n_flows:
-                flow_page = client.read_flow_runs(limit=page, offset=len(flow_runs))
-                if not flow_page:
-                    break
-                flow_runs.extend(flow_page)
-            task_runs: list[Any] = []
-            while len(task_runs) < n_tasks:
-                task_page = client.read_task_runs(limit=page, offset=len(task_runs))
-                if not task_page:
-                    break
-                task_runs.extend(task_page)
-            flow_ids = list({fr.flow_id for fr in flow_runs})
-            flows = client.read_flows(flow_filter=FlowFilter(id=FlowFilterId(any_=flow_ids)))
-    flow_names = {f.id: f.name for f in flows}
-    flows_by_name = Counter(flow_names.get(fr.flow_id, "?") for fr in flow_runs)
-    # A subflow call is also recorded as a task run of its parent flow, named
-    # "<flow name>-<dynamic key>"; a stage's task run is "<stage> <step>@<site>"
-    # (flows/campaign.py), the others "plan ...", "setup <site>", "distribute ...", "verify ...".
-    subflows = set(flow_names.values())
-    tasks_by_name: Counter[str] = Counter()
-    task_s: dict[str, float] = {}
-    for tr in task_runs:
-        base, _, key = tr.name.rpartition("-")
-        if base in subflows and key == tr.dynamic_key:
-            kind = f"subflow {base}"
-        else:
-            kind = tr.name.split()[0] if tr.name else "?"
-        tasks_by_name[kind] += 1
-        if tr.start_time is not None and tr.end_time is not None:
-            task_s[kind] = task_s.get(kind, 0.0) + (tr.end_time - tr.start_time).total_seconds()
-    states = Counter(str(r.state_type.value) if r.state_type else "?" for r in task_runs)
-    return {
-        "prefect_tasks": n_tasks,
-        "prefect_flows": n_flows,
-        "prefect_tasks_by_name": dict(sorted(tasks_by_name.items())),
-        "prefect_flows_by_name": dict(sorted(flows_by_name.items())),
-        "prefect_task_states": dict(states),
-        "prefect_task_s": {k: round(v, 2) for k, v in sorted(task_s.items())},
-    }
-
-
 _NOOP_FLOW = """
 from prefect import flow
 
@@ -294,7 +159,7 @@ def run_plain(spec: Path, base: Path) -> dict[str, Any]:
     seed_repos(spec, work)
     run = run_cli(["run", str(spec), "--workdir", str(work), "--no-prefect", "--no-verify"], log)
     if run.rc != 0:
-        raise RuntimeError(f"the plain driver failed (exit {run.rc}):\n{_tail(log)}")
+        raise RuntimeError(f"the plain driver failed (exit {run.rc}):\n{log_tail(log)}")
     rows = ledger_rows(work)
     start, end = start_and_end_delay(rows, run)
     return {
@@ -313,27 +178,17 @@ def run_prefect(spec: Path, base: Path) -> dict[str, Any]:
     """A server in ``base/prefect/prefect``, the flow against it, the API's counts; stop it."""
     work, log = base / "prefect", base / "prefect.log"
     seed_repos(spec, work)
-    home = work / "prefect"
-    t0 = time.perf_counter()
-    started = subprocess.run(
-        [*SERVER, "start", "--home", str(home)], cwd=ROOT, capture_output=True, text=True
-    )
-    server_s = time.perf_counter() - t0
-    try:
-        if started.returncode != 0:
-            raise RuntimeError(f"the Prefect server did not start:\n{started.stderr}")
-        pid = int(json.loads((home / "server.json").read_text())["pid"])
-        client_env = read_env_sh(home / "env.sh")
-        env = {**os.environ, **client_env}
-        server_cpu0 = server_cpu_s(pid)
-        run = run_cli(["run", str(spec), "--workdir", str(work), "--no-verify"], log, env=env)
-        server_cpu = server_cpu_s(pid) - server_cpu0
+    with prefect_server(work / "prefect") as server:
+        server_cpu0 = server_cpu_s(server.pid)
+        run = run_cli(
+            ["run", str(spec), "--workdir", str(work), "--no-verify"], log, env=server.env
+        )
+        server_cpu = server_cpu_s(server.pid) - server_cpu0
         if run.rc != 0:
-            raise RuntimeError(f"the Prefect run failed (exit {run.rc}):\n{_tail(log)}")
-        counts = prefect_counts(client_env["PREFECT_API_URL"])
-        noop_s, import_s = trivial_flow_s(env)
-    finally:
-        subprocess.run([*SERVER, "stop", "--home", str(home)], cwd=ROOT, capture_output=True)
+            raise RuntimeError(f"the Prefect run failed (exit {run.rc}):\n{log_tail(log)}")
+        counts = prefect_counts(server.api_url)
+        noop_s, import_s = trivial_flow_s(server.env)
+    server_s = server.start_s
     rows = ledger_rows(work)
     start, end = start_and_end_delay(rows, run)
     return {
