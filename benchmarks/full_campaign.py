@@ -21,10 +21,10 @@ Figures of each campaign (JSON keys):
   do not add up); ``prefect``: wall_s minus the union of every ledger stage's interval, the time
   no stage ran: the process's start (imports, the Dask cluster, the flow runs created), the
   flow and task machinery between stages, and the exit. The plain sums are ``stage_sum_s``.
-- ``graph_build_s``: the campaign's graph build time for step1 at the largest site (most step1
-  quanta), summed over that site-step's groups (``build_s`` of its ledger ``build`` rows: the
-  build in the Dask worker, without the task's round trip); ``graph_build_total_s`` is every
-  build of the campaign.
+- ``graph_build_s``: the wall time of graph building for step1 at the largest site (most step1
+  quanta): the union of its groups' ``build`` stages in the ledger (they build in parallel;
+  one group without groups); ``graph_build_total_s`` is the sum of every build's own
+  ``build_s`` (in the Dask worker) over the campaign.
 - ``pipetask_qgraph_s``: one ``pipetask qgraph`` process, timed start to exit, run after the
   campaign against the same site's repository: the same pipeline#subset, the site's step1 input
   collections (from its BPS file), the data query of all the site's visits as ONE graph, a
@@ -463,10 +463,14 @@ def measure(visits: int | None, keep: bool) -> dict[str, Any]:
 
     done = builds(rows)
     quanta = sum(int(r["figures"]["n_quanta"]) for r in done)
-    graph_s = sum(
-        float(r["figures"].get("build_s", 0.0))
-        for r in done
-        if (r["step"], r["site"]) == (step1, site)
+    # Wall time of that site-step's graph building: its groups build in parallel, so the span
+    # they cover (the union of their build stages), comparable with one pipetask qgraph.
+    graph_s = union_s(
+        [
+            (float(r["started"]), float(r["finished"]))
+            for r in done
+            if (r["step"], r["site"]) == (step1, site)
+        ]
     )
     walls = stage_walls(rows, run.wall_s)
     foreign = max(run.busy_s - run.cpu_s - server_cpu, 0.0) / run.wall_s
