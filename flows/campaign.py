@@ -12,19 +12,20 @@ import contextvars
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from prefect import flow, get_run_logger, task
+from prefect import flow, get_run_logger
 from prefect.artifacts import (
     create_markdown_artifact,
     create_progress_artifact,
     create_table_artifact,
     update_progress_artifact,
 )
-from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
 from drp_campaign.campaign import SiteStepFailed, SiteStepResult
 from drp_campaign.ledger import SiteStepBusy
 from tasks.campaign import distribute_inputs, plan_campaign, setup_site
 from tasks.runtime import campaign_run
+
+from .tuning import no_heartbeat, stage_task
 
 __all__ = ["drp_campaign_flow", "drp_plan", "drp_site_step", "drp_step"]
 
@@ -82,8 +83,9 @@ def _campaign_run_name() -> str:
 
 def _stage_runner(step: str, site: str) -> Any:
     def run(stage: str, fn: Any) -> Any:
-        # One Prefect task per stage, named for the UI; the ledger makes it idempotent.
-        return task(name=stage, task_run_name=f"{stage} {step}@{site}")(fn)()
+        # One Prefect task per stage, named for the UI; the ledger makes it idempotent (so the
+        # task is cached and has no Prefect cache key: flows/tuning.py).
+        return stage_task(stage, f"{stage} {step}@{site}")(fn)()
 
     return run
 
@@ -97,7 +99,7 @@ def _subflow(fn: Any, *args: Any) -> Any:
     step's flow waits for its sites' subflows, the campaign for the step's). Flows started
     on their own (a deployment run of ``drp-step`` or ``drp-site-step``) keep theirs.
     """
-    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+    with no_heartbeat():  # the settings object is built once (flows/tuning.py)
         return fn(*args)
 
 
