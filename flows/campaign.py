@@ -12,19 +12,20 @@ import contextvars
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from prefect import flow, get_run_logger, task
+from prefect import flow, get_run_logger
 from prefect.artifacts import (
     create_markdown_artifact,
     create_progress_artifact,
     create_table_artifact,
     update_progress_artifact,
 )
-from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
 from drp_campaign.campaign import SiteStepFailed, SiteStepResult
 from drp_campaign.ledger import SiteStepBusy
 from tasks.campaign import distribute_inputs, plan_campaign, setup_site
 from tasks.runtime import campaign_run
+
+from .tuning import no_heartbeat, stage_task
 
 __all__ = ["drp_campaign_flow", "drp_plan", "drp_site_step", "drp_step"]
 
@@ -83,8 +84,9 @@ def _campaign_run_name() -> str:
 
 def _phase_runner(phase: str, label: str, fn: Any) -> Any:
     # One Prefect task per phase of a group (build, run), named for the UI like
-    # "build step1@FrDF#003"; never one per quantum. The ledger makes each idempotent.
-    return task(name=phase, task_run_name=f"{phase} {label}")(fn)()
+    # "build step1@FrDF#003"; never one per quantum. The ledger makes each idempotent (so the
+    # task has no Prefect cache key, and is made once: flows/tuning.py).
+    return stage_task(phase, f"{phase} {label}")(fn)()
 
 
 def _subflow(fn: Any, *args: Any) -> Any:
@@ -96,7 +98,7 @@ def _subflow(fn: Any, *args: Any) -> Any:
     step's flow waits for its sites' subflows, the campaign for the step's). Flows started
     on their own (a deployment run of ``drp-step`` or ``drp-site-step``) keep theirs.
     """
-    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+    with no_heartbeat():  # the settings object is built once (flows/tuning.py)
         return fn(*args)
 
 
