@@ -296,10 +296,14 @@ def test_a_failing_stage_names_step_site_and_cause(tmp_path: Path) -> None:
     with dask_client(workers=1) as client:
         run = make_campaign_run(spec, tmp_path / "work", client)
         run.plan()
-        # No setup: the site's repository does not exist yet.
-        with pytest.raises(SiteStepFailed, match="step1 at FrDF failed in stage 'stage'"):
+        # No setup: the site's repository does not exist yet. step1 reads only campaign inputs
+        # (nothing to stage), so the first stage that opens the site's repository fails.
+        with pytest.raises(SiteStepFailed, match="step1 at FrDF failed in stage 'bps'") as info:
             run.run_site_step("step1", "FrDF")
-    record = run.ledger.get("step1", "FrDF", "stage", group="g000")
+    assert "step1@FrDF#000 failed in stage 'bps'" in str(info.value)
+    assert "-p step=step1 -p site=FrDF -p group=g000" in str(info.value)
+    assert run.ledger.is_done("step1", "FrDF", "stage", group="g000")
+    record = run.ledger.get("step1", "FrDF", "bps", group="g000")
     assert record is not None and record.state == "FAILED" and record.error
 
 
