@@ -122,7 +122,12 @@ def run_group(
         return done
 
     for phase, stages in PHASES:
-        figures = runner(phase, unit.label, functools.partial(phase_work, stages))
+        try:
+            figures = runner(phase, unit.label, functools.partial(phase_work, stages))
+        except GroupFailure:
+            raise
+        except Exception as exc:  # the runner's own (the orchestrator's): named like a stage's
+            raise GroupFailure(unit, phase, f"{type(exc).__name__}: {exc}") from exc
         if "skipped" in figures:
             run.progress(f"{unit.label}: nothing to do ({figures['skipped']})")
             outcome.skipped = True
