@@ -46,7 +46,8 @@ Figures of each campaign (JSON keys):
   visit-sharded step ceil(site visits / 500) summed over sites, a tract-sharded one ceil(site
   tracts / 10), a gathered one 1 (the step's ``group`` bounds where the spec sets them); one
   graph per group. Task runs and ledger rows are this run's, split as measured: campaign-wide
-  (kept), per step (the step's flow's wrapper task: times DR1's steps) and the rest per group
+  (kept), per step (the step's flow's wrapper task: times DR1's steps), per site-step (the
+  site-step flow's wrapper task: times DR1's site-steps) and the rest per group
   (times DR1's groups). The inputs are in ``dr1_basis``.
 
 Goals (``goals``: value, goal, pass): cost per quantum at the largest ``--visits`` over that at
@@ -103,6 +104,8 @@ STAGES = ("plan", "setup", "distribute", "stage", "build", "submit", "publish", 
 CAMPAIGN_TASKS = ("plan", "setup", "distribute", "verify", "subflow drp-plan")
 #: Task runs made once per step: the step flow's wrapper task in the campaign flow.
 STEP_TASKS = ("subflow drp-step",)
+#: Task runs made once per site-step: the site-step flow's wrapper task in the step flow.
+SITE_STEP_TASKS = ("subflow drp-site-step",)
 CAMPAIGN = "*"  # the ledger's step and site of campaign-wide stages (drp_campaign.ledger)
 CORES = os.cpu_count() or 1
 FOREIGN_CPU_NOISY = 0.25  # cores of other work during the run above which timings are noisy
@@ -351,9 +354,12 @@ def dr1_groups(visits: int, tracts: int) -> dict[str, Any]:
     spec = load_spec(DR1_SPEC)
     shares = spec.shares
     per_step: dict[str, int] = {}
+    site_steps = 0
     for step in spec.steps:
         bounds = step_bounds(step.group)
-        if step.placement == "gather" or step.shard == "none":
+        gathered = step.placement == "gather" or step.shard == "none"
+        site_steps += 1 if gathered else len(shares)
+        if gathered:
             per_step[step.name] = 1
         elif step.shard == "visit":
             per_step[step.name] = sum(
@@ -363,7 +369,12 @@ def dr1_groups(visits: int, tracts: int) -> dict[str, Any]:
             per_step[step.name] = sum(
                 math.ceil(round(tracts * share) / bounds.tracts) for share in shares.values()
             )
-    return {"groups_per_step": per_step, "steps": len(spec.steps), "shares": shares}
+    return {
+        "groups_per_step": per_step,
+        "steps": len(spec.steps),
+        "site_steps": site_steps,
+        "shares": shares,
+    }
 
 
 def project_dr1(
@@ -376,10 +387,16 @@ def project_dr1(
     measured_groups = sum(groups.values())
     campaign_tasks = sum(tasks_by_kind.get(k, 0) for k in CAMPAIGN_TASKS)
     step_tasks = sum(tasks_by_kind.get(k, 0) for k in STEP_TASKS)
-    group_tasks = sum(tasks_by_kind.values()) - campaign_tasks - step_tasks
+    site_step_tasks = sum(tasks_by_kind.get(k, 0) for k in SITE_STEP_TASKS)
+    group_tasks = sum(tasks_by_kind.values()) - campaign_tasks - step_tasks - site_step_tasks
+    measured_site_steps = len(groups)
     campaign_rows = sum(1 for r in rows if r["step"] == CAMPAIGN)
     step_rows = sum(1 for r in rows if r["step"] != CAMPAIGN and r["site"] == CAMPAIGN)
-    group_rows = len(rows) - campaign_rows - step_rows
+    # A site-step's own rows (no group: e.g. "nothing assigned to this site").
+    site_step_rows = sum(
+        1 for r in rows if r["step"] != CAMPAIGN and r["site"] != CAMPAIGN and not r.get("grp")
+    )
+    group_rows = len(rows) - campaign_rows - step_rows - site_step_rows
     sky = dr1_tracts()
     dr1 = dr1_groups(DR1_VISITS, sky["tracts"])
     n_groups = sum(dr1["groups_per_step"].values())
@@ -387,10 +404,16 @@ def project_dr1(
     per_group_rows = group_rows / measured_groups
     projection = {
         "prefect_task_runs": round(
-            campaign_tasks + step_tasks / steps * dr1["steps"] + per_group_tasks * n_groups
+            campaign_tasks
+            + step_tasks / steps * dr1["steps"]
+            + site_step_tasks / measured_site_steps * dr1["site_steps"]
+            + per_group_tasks * n_groups
         ),
         "ledger_rows": round(
-            campaign_rows + step_rows / steps * dr1["steps"] + per_group_rows * n_groups
+            campaign_rows
+            + step_rows / steps * dr1["steps"]
+            + site_step_rows / measured_site_steps * dr1["site_steps"]
+            + per_group_rows * n_groups
         ),
         "graphs": n_groups,
     }
@@ -403,6 +426,8 @@ def project_dr1(
         "measured_steps": steps,
         "tasks_campaign": campaign_tasks,
         "tasks_per_step": step_tasks / steps,
+        "measured_site_steps": measured_site_steps,
+        "tasks_per_site_step": site_step_tasks / measured_site_steps,
         "tasks_per_group": per_group_tasks,
         "rows_campaign": campaign_rows,
         "rows_per_step": step_rows / steps,
