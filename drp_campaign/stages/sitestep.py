@@ -232,13 +232,17 @@ def run_site_step(
         stage = first.stage if isinstance(first, GroupFailure) else "submit"
         lines = [str(f) for f in failures]
         hints = [f.unit.rerun_hint() for f in failures if isinstance(f, GroupFailure)]
+        # One failure reads as before groups (its cause first); the cause is chained too, so
+        # callers can tell a refused token from a failed run.
+        head = f"{first.cause}\n" if len(failures) == 1 and isinstance(first, GroupFailure) else ""
         raise SiteStepFailed(
             step,
             site,
             stage,
-            f"{len(failures)} of {len(units)} group(s) failed; the others finished.\n"
+            head
+            + f"{len(failures)} of {len(units)} group(s) failed; the others finished.\n"
             + "\n".join(lines)
             + ("\nRerun: " + "\n       ".join(dict.fromkeys(hints)) if hints else ""),
             groups=[f.unit.name for f in failures if isinstance(f, GroupFailure)],
-        )
+        ) from (first.__cause__ or first)
     return result
