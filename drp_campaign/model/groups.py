@@ -20,6 +20,7 @@ same plan gives the same groups, byte for byte. This module is pure: no Butler, 
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -49,6 +50,8 @@ DEFAULT_GROUP_VISITS = 500
 DEFAULT_GROUP_TRACTS = 10
 #: Height of the declination strips that order visits on the sky (about one LSSTCam field).
 STRIP_DEG = 3.5
+#: A group's name: ``g<index>``, or ``r<revision>g<index>`` for a re-plan's group.
+_GROUP_NAME = re.compile(r"(?:r(?P<revision>[1-9][0-9]*))?g(?P<index>[0-9]+)")
 
 
 @dataclass(frozen=True)
@@ -74,6 +77,9 @@ class Group:
         The visits of a visit-sharded group, in sky order; `None` otherwise.
     patches : `tuple` [`tuple` [`int`, `int`]] or `None`
         The (tract, patch) pairs of a tract-sharded group, sorted; `None` otherwise.
+    revision : `int`
+        The plan revision that made the group: 0 for the first plan, ``n`` for the work a
+        re-plan without a lost site moved here (`drp_campaign.model.replan`).
     """
 
     step: str
@@ -81,16 +87,20 @@ class Group:
     index: int
     visits: tuple[int, ...] | None = None
     patches: tuple[tuple[int, int], ...] | None = None
+    revision: int = 0
 
     @property
     def name(self) -> str:
-        """The group's name within its site-step: ``g000``, ``g001``, ..."""
-        return f"g{self.index:03d}"
+        """The group's name within its site-step: ``g000``, ``g001``, ...; ``r1g000`` for
+        a group of plan revision 1 (so its output run, graph and BPS file carry the revision)."""
+        prefix = f"r{self.revision}" if self.revision else ""
+        return f"{prefix}g{self.index:03d}"
 
     @property
     def label(self) -> str:
-        """How a person reads it: ``step1@FrDF#003``."""
-        return f"{self.step}@{self.site}#{self.index:03d}"
+        """How a person reads it: ``step1@FrDF#003`` (``step1@FrDF#r1-003`` in revision 1)."""
+        prefix = f"r{self.revision}-" if self.revision else ""
+        return f"{self.step}@{self.site}#{prefix}{self.index:03d}"
 
     @property
     def tracts(self) -> tuple[int, ...]:
@@ -168,6 +178,7 @@ def site_groups(
     patches: pd.DataFrame | None = None,
     bounds: Bounds | None = None,
     whole: bool = False,
+    revision: int = 0,
 ) -> list[Group]:
     """The groups of one site-step.
 
@@ -185,6 +196,8 @@ def site_groups(
         The most visits, tracts or patches a group holds (default: `Bounds()`).
     whole : `bool`, optional
         One group holding everything (a gathered step, or a step run at one site).
+    revision : `int`, optional
+        The plan revision the groups belong to (their names carry it when not 0).
 
     Returns
     -------
@@ -193,13 +206,13 @@ def site_groups(
     """
     bounds = bounds or Bounds()
     if whole or shard == "none":
-        return [Group(step, site, 0)]
+        return [Group(step, site, 0, revision=revision)]
     if shard == "visit":
         if visits is None:
             raise ValueError(f"{step}@{site}: a visit-sharded step needs the site's visits")
         order = sky_order(visits["visit"], visits["ra"], visits["dec"])
         return [
-            Group(step, site, i, visits=tuple(int(v) for v in order[a:b]))
+            Group(step, site, i, visits=tuple(int(v) for v in order[a:b]), revision=revision)
             for i, (a, b) in enumerate(equal_ranges(order.size, bounds.visits))
         ]
     if shard != "tract":
@@ -211,14 +224,22 @@ def site_groups(
     )
     if bounds.patches is not None:
         return [
-            Group(step, site, i, patches=tuple(pairs[a:b]))
+            Group(step, site, i, patches=tuple(pairs[a:b]), revision=revision)
             for i, (a, b) in enumerate(equal_ranges(len(pairs), bounds.patches))
         ]
     tracts = sorted({t for t, _ in pairs})
     groups = []
     for i, (a, b) in enumerate(equal_ranges(len(tracts), bounds.tracts)):
         chosen = set(tracts[a:b])
-        groups.append(Group(step, site, i, patches=tuple(p for p in pairs if p[0] in chosen)))
+        groups.append(
+            Group(
+                step,
+                site,
+                i,
+                patches=tuple(p for p in pairs if p[0] in chosen),
+                revision=revision,
+            )
+        )
     return groups
 
 
@@ -293,7 +314,8 @@ def groups_from_document(doc: dict[str, list[dict[str, object]]]) -> dict[str, l
     Raises
     ------
     ValueError
-        If a key is not ``step@site`` or a group's name is not ``g<index>``.
+        If a key is not ``step@site`` or a group's name is not ``g<index>`` (or
+        ``r<revision>g<index>``).
     """
     out: dict[str, list[Group]] = {}
     for key, rows in doc.items():
@@ -303,19 +325,23 @@ def groups_from_document(doc: dict[str, list[dict[str, object]]]) -> dict[str, l
         groups = []
         for row in rows:
             name = str(row["group"])
-            if not (name.startswith("g") and name[1:].isdigit()):
-                raise ValueError(f"groups.json: {key}: {name!r} is not a group name (g000)")
+            parsed = _GROUP_NAME.fullmatch(name)
+            if parsed is None:
+                raise ValueError(
+                    f"groups.json: {key}: {name!r} is not a group name (g000, or r1g000)"
+                )
             visits = row.get("visits")
             patches = row.get("patches")
             groups.append(
                 Group(
                     step,
                     site,
-                    int(name[1:]),
+                    int(parsed["index"]),
                     visits=None if visits is None else tuple(int(v) for v in visits),  # type: ignore[attr-defined]
                     patches=(
                         None if patches is None else tuple((int(t), int(p)) for t, p in patches)  # type: ignore[attr-defined]
                     ),
+                    revision=int(parsed["revision"] or 0),
                 )
             )
         out[key] = groups

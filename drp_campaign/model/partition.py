@@ -32,7 +32,7 @@ from lsst.sphgeom import DISJOINT
 from .overlaps import patch_key, split_patch_key
 from .sky import RingsSkyMap
 
-__all__ = ["POLICIES", "Partition", "partition_patches"]
+__all__ = ["POLICIES", "Partition", "contiguous", "partition_patches", "touching_tracts", "walk"]
 
 POLICIES = ("dec-bands", "patch-bands")
 
@@ -92,7 +92,7 @@ class Partition:
         return split_patch_key(self.keys[self.owner == i])
 
 
-def _walk(skymap: RingsSkyMap, tracts: Sequence[int]) -> list[int]:
+def walk(skymap: RingsSkyMap, tracts: Sequence[int]) -> list[int]:
     """Order tracts ring by ring (south to north), serpentine in RA within rings."""
     by_ring: dict[int, list[tuple[float, int]]] = {}
     for t in tracts:
@@ -124,7 +124,7 @@ def _column_walk(skymap: RingsSkyMap, tract: int, eastward: bool) -> list[list[i
     return [[y * nx + x for y in range(ny)] for x in xs]
 
 
-def _touching(skymap: RingsSkyMap, tracts: Sequence[int]) -> dict[int, list[int]]:
+def touching_tracts(skymap: RingsSkyMap, tracts: Sequence[int]) -> dict[int, list[int]]:
     """Neighbours of each tract among ``tracts``: those whose outer polygons are not disjoint.
 
     Candidates are the tracts whose bounding circles meet; sphgeom then relates their polygons.
@@ -203,6 +203,16 @@ class _Runs:
     def contiguous(self, start: int, stop: int) -> bool:
         """The run [start, stop) is contiguous (an empty run is)."""
         return self.prefix(start, stop)[-1]
+
+
+def contiguous(skymap: RingsSkyMap, tracts: Sequence[int]) -> bool:
+    """Whether a set of tracts is one region: each touches the others through the set.
+
+    The same test the partition applies to every site's tracts (a site holding part of a
+    tract holds that tract for it).
+    """
+    ids = sorted({int(t) for t in tracts})
+    return _Runs(ids, touching_tracts(skymap, ids)).contiguous(0, len(ids))
 
 
 #: Candidate cuts per boundary the contiguous search starts from, and the union-find steps it may
@@ -349,13 +359,13 @@ def partition_patches(
     wc = np.asarray(work_counts, dtype=np.int64)
     tr, _ = split_patch_key(wk)
     tracts = sorted({int(t) for t in np.unique(tr)})
-    walk = _walk(skymap, tracts)
+    walked = walk(skymap, tracts)
     work_of = dict(zip(wk.tolist(), wc.tolist(), strict=True))
     # The units walked: whole tracts, or single patches in walking order.
     units: list[list[int]] = []
     unit_tract: list[int] = []
     ring_rank = {r: n for n, r in enumerate(sorted({skymap[t].ring for t in tracts}))}
-    for t in walk:
+    for t in walked:
         nx, ny = skymap[t].num_patches
         if policy == "dec-bands":
             units.append([int(k) for k in patch_key(np.full(nx * ny, t), np.arange(nx * ny))])
@@ -368,7 +378,7 @@ def partition_patches(
     unit_work = np.array([sum(work_of.get(k, 0) for k in u) for u in units], dtype=np.float64)
     # Consecutive tracts of the walk need not touch where it turns into the next ring (a ring
     # reaching further in RA than the one before it), so only cuts whose runs touch are taken.
-    runs = _Runs(unit_tract, _touching(skymap, tracts))
+    runs = _Runs(unit_tract, touching_tracts(skymap, tracts))
     starts = _cut(unit_work, targets, runs) + [len(units)]
     plain = _cut(unit_work, targets) + [len(units)]
     broken = [sites[s] for s in range(len(sites)) if not runs.contiguous(starts[s], starts[s + 1])]

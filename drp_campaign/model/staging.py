@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from .spec import CampaignSpec
 
-__all__ = ["StepFlow", "needs_probe"]
+__all__ = ["StepFlow", "needs_probe", "reads_only_campaign_inputs"]
 
 
 @dataclass(frozen=True)
@@ -62,3 +62,20 @@ def needs_probe(spec: CampaignSpec, step: str, flows: Mapping[str, StepFlow]) ->
         if not (local_visit_step and made_here):
             return True
     return False
+
+
+def reads_only_campaign_inputs(
+    spec: CampaignSpec, step: str, flows: Mapping[str, StepFlow]
+) -> bool:
+    """Whether no input of ``step`` is made by an earlier step (it reads raws, calibrations...).
+
+    A re-plan moves raws only for the redone groups of such steps: later steps read products.
+    """
+    names = spec.step_names
+    me = spec.step(step)
+    earlier = [spec.step(s) for s in names[: names.index(step)]]
+    return not any(
+        dataset_type in flows[s.subset].outputs
+        for dataset_type in flows[me.subset].inputs
+        for s in earlier
+    )

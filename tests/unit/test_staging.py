@@ -37,3 +37,10 @@ def test_tract_steps_gathered_outputs_and_other_sites_catalogs_need_the_probe() 
 def test_a_visit_step_reading_a_gathered_steps_output_needs_the_probe() -> None:
     flows = {**FLOWS, "step4": flow({"pvi", "fgcmPhotoCalibCatalog"}, {"forcedSource"})}
     assert needs_probe(SPEC, "step4", flows)
+
+
+def test_only_the_first_step_reads_campaign_inputs_alone() -> None:
+    from drp_campaign.model.staging import reads_only_campaign_inputs
+
+    assert reads_only_campaign_inputs(SPEC, "step1", FLOWS)  # raws: a re-plan may move them
+    assert not any(reads_only_campaign_inputs(SPEC, s, FLOWS) for s in SPEC.step_names[1:])
