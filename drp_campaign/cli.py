@@ -345,6 +345,73 @@ def _run_plain(
 
 
 @app.command()
+def replan(
+    spec: Annotated[
+        Path, typer.Argument(help="Campaign spec YAML (every site, the lost one too).")
+    ],
+    without: Annotated[
+        list[str],
+        typer.Option("--without", help="The site lost for good (repeatable)."),
+    ],
+    workdir: Annotated[Path, typer.Option("--workdir", help="Work directory.")] = Path("demo"),
+    reason: Annotated[
+        str | None, typer.Option("--reason", help="Why, for the ledger and the report.")
+    ] = None,
+) -> None:
+    """Re-plan the campaign without a lost site: its patches and visits go to the others.
+
+    Writes the next plan revision beside the others (<workdir>/plan-r<n>): everything the
+    remaining sites own or did keeps its place; what the lost site had not published is redone
+    at the new owners. Rerun the campaign (or the step) afterwards to finish on the new plan.
+    """
+    from .replan import ReplanError
+    from .replan import replan as write_revision
+
+    campaign = _load(spec)
+    try:
+        info = write_revision(campaign, workdir, list(without), reason=reason, spec_label=str(spec))
+    except ReplanError as exc:
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(EXIT_USAGE) from None
+    moved = info["moved"]
+    table = Table(title=f"plan revision {info['revision']}: without {', '.join(info['without'])}")
+    for col in ("what", "moved"):
+        table.add_column(col)
+    tracts: dict[str, list[str]] = {}
+    for tract, change in moved["tracts"].items():
+        tracts.setdefault(f"{change['from']} -> {change['to']}", []).append(tract)
+    for link, ids in tracts.items():
+        table.add_row(f"tracts {link}", ", ".join(ids))
+    homes: dict[str, list[str]] = {}
+    for visit, change in moved["visits"].items():
+        homes.setdefault(f"{change['from']} -> {change['to']}", []).append(visit)
+    for link, ids in homes.items():
+        table.add_row(
+            f"visits {link}",
+            f"{len(ids)}: " + ", ".join(ids[:8]) + (" ..." if len(ids) > 8 else ""),
+        )
+    table.add_row("kept (published)", ", ".join(info["kept"]) or "none")
+    table.add_row(
+        "redone",
+        "; ".join(f"{k} {', '.join(v)}" for k, v in info["redone_groups"].items()) or "nothing",
+    )
+    b = info["bytes"]
+    table.add_row(
+        "bytes (planned)",
+        f"overlap PVIs {b['planned']:,} (first plan {b['first_plan_planned']:,}); raws at most "
+        f"{b['raws_at_most']:,}; extra {b['extra']:,}",
+    )
+    console.print(table)
+    if info["note"]:
+        console.print(f"[yellow]note:[/] {info['note']}")
+    console.print(
+        f"wrote {workdir / ('plan-r' + str(info['revision']))}; finish the campaign with "
+        f"`drp-campaign run {spec} --workdir {workdir}` (or `prefect deployment run "
+        "'drp-campaign/default'`)"
+    )
+
+
+@app.command()
 def status(
     workdir: Annotated[Path, typer.Option("--workdir", help="Work directory.")] = Path("demo"),
     step: Annotated[str | None, typer.Option("--step", help="Only this step.")] = None,
@@ -377,7 +444,15 @@ def status(
             detail[:90],
         )
     console.print(table)
-    groups = workdir / "plan" / "groups.json"
+    from .replan import current_revision
+
+    revision = current_revision(workdir)
+    if revision.number:
+        console.print(
+            f"plan revision {revision.number} ({revision.plan_dir.name}): without "
+            f"{', '.join(revision.lost)}: {revision.info.get('reason', '')}"
+        )
+    groups = revision.plan_dir / "groups.json"
     if groups.exists():
         console.print(_group_table(ledger, json.loads(groups.read_text()), step, site))
 
@@ -388,7 +463,7 @@ def _group_table(
     """Per site-step: its planned groups and how many are done, running, failed, waiting."""
     from .ledger import StageState
 
-    table = Table(title="groups per site-step (plan/groups.json)")
+    table = Table(title="groups per site-step (groups.json of the current plan)")
     for col in ("site-step", "groups", "done", "running", "failed", "waiting", "failed groups"):
         table.add_column(col)
     for key, planned in groups.items():

@@ -336,6 +336,23 @@ class Ledger:
         }
 
     # ------------------------------------------------------------------------------ leases
+    def live_claims(self) -> list[tuple[str, str, str, int]]:
+        """The site-steps a live process holds now: ``(step, site, host, pid)``.
+
+        A lease of a process on this host that is gone does not count (it crashed); one held
+        from another host always does (its liveness cannot be told from here).
+        """
+        host = socket.gethostname()
+        with self._connect() as c:
+            rows = c.execute(
+                "SELECT step, site, host, pid FROM leases ORDER BY step, site"
+            ).fetchall()
+        return [
+            (str(r["step"]), str(r["site"]), str(r["host"]), int(r["pid"]))
+            for r in rows
+            if r["host"] != host or pid_alive(int(r["pid"]))
+        ]
+
     @contextmanager
     def claim(self, step: str, site: str) -> Iterator[None]:
         """Hold the (step, site) for this process while the block runs.

@@ -17,7 +17,7 @@ from matplotlib.patches import Patch  # noqa: E402
 
 from ..model.sky import RingsSkyMap  # noqa: E402
 
-__all__ = ["SITE_COLOURS", "plot_partition", "plot_transfers"]
+__all__ = ["SITE_COLOURS", "plot_partition", "plot_replan", "plot_transfers"]
 
 #: Colour-blind-safe (Okabe-Ito) colours, one per site in spec order.
 SITE_COLOURS = [
@@ -253,6 +253,132 @@ def plot_transfers(plan_dir: Path, summary: dict[str, Any]) -> Path:
     bx.set_title(f"planned / lower bound = {b['planned_over_lower_bound']:.3f}")
     fig.tight_layout()
     out = plan_dir / "transfers.png"
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
+def plot_replan(before_dir: Path, after_dir: Path, sky: RingsSkyMap) -> Path:
+    """Draw ``replan.png`` in ``after_dir``: the partition before and after a re-plan, each site
+    in its colour (the first plan's colours), the re-assigned patches hatched and outlined in
+    black after; the lost sites' visits marked where they were homed and where they went.
+
+    Parameters
+    ----------
+    before_dir, after_dir : `pathlib.Path`
+        The plan directories of the revision re-planned and of the new one.
+    sky : `RingsSkyMap`
+        The sky map (for patch polygons).
+
+    Returns
+    -------
+    path : `pathlib.Path`
+        The PNG written.
+    """
+    import json
+
+    before = pq.read_table(before_dir / "patches.parquet").to_pandas()
+    after = pq.read_table(after_dir / "patches.parquet").to_pandas()
+    visits_b = pq.read_table(before_dir / "visits.parquet").to_pandas()
+    visits_a = pq.read_table(after_dir / "visits.parquet").to_pandas()
+    info = json.loads((after_dir / "summary.json").read_text())["revision"]
+    first = Path(before_dir).parent / "plan" / "summary.json"
+    order = list(json.loads(first.read_text())["sites"]) if first.exists() else []
+    order += [s for s in dict.fromkeys([*before["site"], *after["site"]]) if s not in order]
+    colour = {s: SITE_COLOURS[i % len(SITE_COLOURS)] for i, s in enumerate(order)}
+    centre = float(
+        np.degrees(
+            np.arctan2(
+                np.sin(np.radians(visits_a["ra"])).mean(),
+                np.cos(np.radians(visits_a["ra"])).mean(),
+            )
+        )
+        % 360.0
+    )
+    merged = before.merge(after, on=["tract", "patch"], suffixes=("_before", "_after"))
+    moved = merged["site_before"] != merged["site_after"]
+    by_tract = len(merged) > _MAX_PATCHES_DRAWN
+
+    def polygons(rows: Any) -> list[np.ndarray]:
+        out = []
+        for t, p in rows[["tract", "patch"]].itertuples(index=False):
+            if by_tract:
+                info_t = sky[int(t)]
+                ra0, ra1 = info_t.inner_ra_deg
+                de0, de1 = info_t.inner_dec_deg
+                ras = _unwrap(np.array([ra0, ra1, ra1, ra0]), centre)
+                out.append(np.column_stack([ras, [de0, de0, de1, de1]]))
+            else:
+                out.append(_poly_radec(sky[int(t)].patch_inner_polygon(int(p)), centre))
+        return out
+
+    rows = merged.drop_duplicates("tract") if by_tract else merged
+    polys = polygons(rows)
+    fig, axes = plt.subplots(1, 2, figsize=(15, 7), dpi=100, sharex=True, sharey=True)
+    for axis, column, visits in (
+        (axes[0], "site_before", visits_b),
+        (axes[1], "site_after", visits_a),
+    ):
+        axis.add_collection(
+            PolyCollection(
+                polys,
+                facecolors=[colour[s] for s in rows[column]],
+                edgecolors="white",
+                linewidths=0.3,
+                alpha=0.5,
+            )
+        )
+        axis.scatter(
+            _unwrap(visits["ra"].to_numpy(), centre),
+            visits["dec"],
+            s=12,
+            c=[colour[s] for s in visits["site"]],
+            edgecolors="black",
+            linewidths=0.3,
+            zorder=3,
+        )
+    moved_rows = rows.loc[moved.loc[rows.index]] if len(rows) else rows
+    if len(moved_rows):
+        axes[1].add_collection(
+            PolyCollection(
+                polygons(moved_rows),
+                facecolors="none",
+                edgecolors="black",
+                hatch="//",
+                linewidths=0.6,
+            )
+        )
+    rehomed = visits_a.loc[visits_a["visit"].astype(str).isin(info["moved"]["visits"])]
+    axes[1].scatter(
+        _unwrap(rehomed["ra"].to_numpy(), centre),
+        rehomed["dec"],
+        s=60,
+        facecolors="none",
+        edgecolors="black",
+        linewidths=1.2,
+        zorder=4,
+    )
+    lost = ", ".join(info["without"])
+    axes[0].set_title(f"Before: revision {info['based_on']}")
+    axes[1].set_title(
+        f"After: revision {info['revision']} without {lost}\n"
+        f"{int(moved.sum()):,} patches re-assigned (hatched), {len(rehomed)} visits re-homed "
+        "(circled)"
+    )
+    mid = float(np.radians(visits_a["dec"].mean()))
+    for axis in axes:
+        axis.autoscale_view()
+        axis.set_xlabel("RA (deg)")
+        axis.set_aspect(1.0 / max(np.cos(mid), 0.2))
+        axis.grid(True, lw=0.3, alpha=0.5)
+    axes[0].invert_xaxis()
+    axes[0].set_ylabel("Dec (deg)")
+    handles = [Patch(facecolor=colour[s], alpha=0.6, label=s) for s in order]
+    handles.append(Patch(facecolor="none", edgecolor="black", hatch="//", label="re-assigned"))
+    axes[1].legend(handles=handles, loc="upper right", fontsize=9, framealpha=0.9)
+    fig.suptitle(f"Re-plan without {lost}: {info['reason']}")
+    fig.tight_layout()
+    out = Path(after_dir) / "replan.png"
     fig.savefig(out)
     plt.close(fig)
     return out
