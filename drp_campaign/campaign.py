@@ -74,9 +74,11 @@ from .ledger import CAMPAIGN, Ledger
 from .model.bps import input_chain, output_collection
 from .model.groups import Group, groups_from_document
 from .model.naming import data_facility_block
+from .model.replan import plan_dirname, revised_spec
 from .model.spec import CampaignSpec
 from .model.staging import StepFlow, needs_probe
 from .model.units import WorkUnit, work_unit
+from .replan import Revision, current_revision
 from .stages.errors import GroupFailure, Skip
 
 if TYPE_CHECKING:
@@ -155,6 +157,26 @@ class SiteStepFailed(RuntimeError):
         super().__init__(f"{step} at {site} failed in stage '{stage}': {cause}")
 
 
+def _call_within(fn: Callable[[], object], timeout_s: float) -> None:
+    """Call ``fn`` in a daemon thread; raise `TimeoutError` if it has not returned in time
+    (a service that hangs must not hold the campaign: the thread is left behind)."""
+    errors: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            fn()
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=target, daemon=True, name="call-within")
+    thread.start()
+    thread.join(timeout_s)
+    if thread.is_alive():
+        raise TimeoutError(f"no answer in {timeout_s:g} s")
+    if errors:
+        raise errors[0]
+
+
 class ArrivalTimeout(RuntimeError):
     """Files did not arrive (and get ingested) in time; the message names them."""
 
@@ -231,7 +253,7 @@ class CampaignRun:
         missing = [s for s in spec.site_names if not repos.get(s)]
         if missing:
             raise ValueError(f"no Butler repository given for site(s) {', '.join(missing)}")
-        self.spec = spec
+        self.base_spec = spec
         self.repos = {s: str(repos[s]) for s in spec.site_names}
         self.repo_sources = {
             s: (repo_sources or {}).get(s) or f"Block {data_facility_block(spec.campaign, s)}"
@@ -247,17 +269,53 @@ class CampaignRun:
         self.arrival_timeout_s = arrival_timeout_s
         self.progress = progress or (lambda message: _LOG.info("%s", message))
         self.ledger = Ledger(self.workdir / "ledger.sqlite")
-        self.plan_dir = self.workdir / "plan"
+        self._revision: tuple[int, Revision, CampaignSpec] | None = None
         self.scope = spec.campaign[:25]
         self._pump_lock = threading.Lock()
         self.chain_lock = threading.Lock()
         self.in_flight = dict(in_flight or {})
-        self._groups: tuple[int, dict[str, list[Group]]] | None = None
+        self._groups: tuple[tuple[str, int], dict[str, list[Group]]] | None = None
         self._dataflow: dict[str, StepFlow] | None = None
         self._monitor_locks: dict[str, threading.Lock] = {s: threading.Lock() for s in spec.sites}
         self._monitors: dict[str, ReplicaMonitor] = {}
         self._inputs: CampaignInputs | None = None
         self._inputs_lock = threading.Lock()
+
+    # ---------------------------------------------------------------------- plan revisions
+    def _current(self) -> tuple[Revision, CampaignSpec]:
+        # A re-plan renames its directory into the work directory, which changes the work
+        # directory's mtime: the revision is looked up again only then (it is read per stage).
+        try:
+            stamp = self.workdir.stat().st_mtime_ns
+        except FileNotFoundError:
+            stamp = 0
+        cached = self._revision
+        if cached is None or cached[0] != stamp:
+            revision = current_revision(self.workdir)
+            cached = (stamp, revision, revised_spec(self.base_spec, revision.lost))
+            self._revision = cached
+        return cached[1], cached[2]
+
+    @property
+    def spec(self) -> CampaignSpec:
+        """The campaign as it runs now: the operator's spec without the sites re-planned away
+        (`drp_campaign.replan`), their shares renormalised over the others."""
+        return self._current()[1]
+
+    @property
+    def revision(self) -> Revision:
+        """The plan revision the campaign runs on (0 until a site is re-planned away)."""
+        return self._current()[0]
+
+    @property
+    def plan_dir(self) -> Path:
+        """The current plan revision's directory (``plan``, then ``plan-r1``, ...)."""
+        return self.revision.plan_dir
+
+    @property
+    def lost(self) -> tuple[str, ...]:
+        """The sites re-planned away, in the order they were lost."""
+        return self.revision.lost
 
     # ---------------------------------------------------------------------------- helpers
     @property
@@ -293,9 +351,10 @@ class CampaignRun:
         """The campaign's CHAINED input collection at every site: the spec's input collections."""
         return input_chain(self.spec.campaign)
 
-    def visits(self) -> pd.DataFrame:
-        """The plan's visits (with their ``site``)."""
-        return pd.read_parquet(self.plan_dir / "visits.parquet")
+    def visits(self, revision: int | None = None) -> pd.DataFrame:
+        """The plan's visits (with their ``site``): the current revision's, or ``revision``'s."""
+        where = self.plan_dir if revision is None else self.workdir / plan_dirname(revision)
+        return pd.read_parquet(where / "visits.parquet")
 
     def tracts(self) -> list[int]:
         """Tracts touched by the campaign's visits."""
@@ -430,6 +489,7 @@ class CampaignRun:
         for site in self.spec.site_names:
             self.setup_site(site)
         self.distribute_inputs()
+        self.retire_lost()
         todo = self.spec.step_names if steps is None else list(steps)
         return {step: self.run_step(step) for step in todo}
 
@@ -551,6 +611,9 @@ class CampaignRun:
             visits = self.visits()
             hub_raw = rse_name(self.hub, "raw")
             figures: dict[str, Any] = {
+                # The plan revision whose homes the raws went to (a later re-plan's groups
+                # stage the raws they need themselves).
+                "revision": self.revision.number,
                 "raw_types": list(kinds.raws),
                 "calib_types": list(kinds.calibs),
                 "extra_types": list(kinds.extra),
@@ -761,13 +824,16 @@ class CampaignRun:
     def groups(self, step: str, site: str) -> list[Group]:
         """A site-step's groups, as the plan cut them (``plan/groups.json``)."""
         path = self.plan_dir / "groups.json"
-        stamp = path.stat().st_mtime_ns
+        stamp = (str(path), path.stat().st_mtime_ns)
         with self._inputs_lock:
             if self._groups is None or self._groups[0] != stamp:
                 self._groups = (stamp, groups_from_document(json.loads(path.read_text())))
             by_site_step = self._groups[1]
         if site not in self.sites_of(step):
-            raise ValueError(f"{step} runs at {', '.join(self.sites_of(step))}, not at {site}")
+            raise ValueError(
+                self.lost_site_message(site)
+                or f"{step} runs at {', '.join(self.sites_of(step))}, not at {site}"
+            )
         return list(by_site_step.get(f"{step}@{site}", []))
 
     def attempt(self, step: str, site: str, group: str) -> int:
@@ -840,6 +906,62 @@ class CampaignRun:
         from .stages.sitestep import run_site_step
 
         return run_site_step(self, step, site, runner, groups)
+
+    # ------------------------------------------------------------------------- lost sites
+    def retire_lost(self, timeout_s: float = 30.0) -> dict[str, Any]:
+        """Cancel the lost sites' open workload runs where their services still answer.
+
+        Runs once per plan revision (stage ``retire``, group ``r<n>``). Each group of a lost
+        site submitted and not finished has its run cancelled, or, when the service does not
+        answer within ``timeout_s``, abandoned; either way its ``submit`` is marked failed
+        with the reason, and nothing waits for it: the re-plan's groups redo its work.
+
+        Returns
+        -------
+        figures : `dict`
+            ``cancelled`` and ``unanswered`` runs (``step@site#group (run id)``).
+        """
+        revision = self.revision
+        if not revision.lost:
+            return {}
+
+        def work() -> dict[str, Any]:
+            out: dict[str, list[str]] = {"cancelled": [], "unanswered": []}
+            for site in revision.lost:
+                for step in self.base_spec.step_names:
+                    for group in self.ledger.groups(step, site):
+                        run_id = self.ledger.name(step, site, "run_id", group=group)
+                        if not run_id or self.ledger.is_done(step, site, "submit", group=group):
+                            continue
+                        label = f"{step}@{site}#{group} (run {run_id})"
+                        try:
+                            _call_within(
+                                functools.partial(self.workloads[site].cancel, run_id), timeout_s
+                            )
+                            out["cancelled"].append(label)
+                        except Exception as exc:  # a lost site's service may not answer
+                            out["unanswered"].append(f"{label}: {type(exc).__name__}: {exc}")
+                        self.ledger.fail(
+                            step,
+                            site,
+                            "submit",
+                            f"{site} lost (plan revision {revision.number}): run {run_id} "
+                            "cancelled or abandoned; its work is redone at the other sites",
+                            group=group,
+                        )
+            return out
+
+        return self.run_stage(CAMPAIGN, CAMPAIGN, "retire", work, group=f"r{revision.number}")
+
+    def lost_site_message(self, site: str) -> str | None:
+        """Why ``site`` does not run anymore, if it was re-planned away (for errors)."""
+        if site not in self.lost:
+            return None
+        return (
+            f"{site} was re-planned away (plan revision {self.revision.number}, "
+            f"{self.revision.info.get('reason', 'lost')}); its work runs at "
+            f"{', '.join(self.spec.site_names)}"
+        )
 
     # ------------------------------------------------------------------------------ reruns
     def forget_site_step(

@@ -57,7 +57,9 @@ class MilestoneResult:
 
 
 def _raw_distribution(run: Any) -> TestResult:
-    visits = run.visits()
+    # The homes the raws were distributed to: a re-plan's groups stage what they need.
+    distribute = run.ledger.get(CAMPAIGN, CAMPAIGN, "distribute")
+    visits = run.visits(int(distribute.figures.get("revision", 0)) if distribute else None)
     raws = run.spec.input_collections.raws
     raw_types = run.campaign_inputs().raws
     per_site: dict[str, Any] = {}
@@ -274,6 +276,8 @@ def _bytes(run: Any) -> tuple[dict[str, Any], dict[tuple[str, str], int]]:
             # Product names start with their RUN: <campaign>/<step>/<site>/<group>/...
             parts = f.name.split("/")
             src = parts[2] if len(parts) > 3 and parts[0] == run.spec.campaign else run.hub
+            if src in run.lost:  # made there before it was lost: it came from the hub
+                src = run.hub
             matrix[(src, site)] = matrix.get((src, site), 0) + f.bytes
             if pvi_type and (f"/{pvi_type}/" in f"/{f.name}/" or parts[4:5] == [pvi_type]):
                 moved_pvis.add((*_visit_detector(run, f.name), site))
@@ -339,6 +343,48 @@ def _visit_detector(run: Any, name: str) -> tuple[int, int]:
     return int(data_id["visit"]), int(data_id["detector"])
 
 
+def _revisions(run: Any) -> list[dict[str, Any]]:
+    """Each plan revision: what it moved (planned) and what its redone groups moved (measured)."""
+    out = []
+    for number in range(1, run.revision.number + 1):
+        record = run.ledger.get(CAMPAIGN, CAMPAIGN, "replan", group=f"r{number}")
+        if record is None or not record.done:
+            continue
+        info = dict(record.figures)
+        measured: dict[str, Any] = {
+            "groups": 0, "done": 0, "staged_files": 0, "staged_bytes": 0, "quanta": 0
+        }  # fmt: skip
+        for step in run.spec.step_names:
+            for site in run.sites_of(step):
+                for unit in run.units(step, site):
+                    if unit.group.revision != number:
+                        continue
+                    measured["groups"] += 1
+                    stage = run.ledger.get(step, site, "stage", group=unit.name)
+                    if stage is not None and stage.done:
+                        measured["staged_files"] += int(stage.figures.get("files", 0))
+                        measured["staged_bytes"] += int(stage.figures.get("bytes", 0))
+                    build = run.ledger.get(step, site, "build", group=unit.name)
+                    if build is not None and build.done:
+                        measured["quanta"] += int(build.figures.get("n_quanta", 0))
+                    arrive = run.ledger.get(step, site, "arrive", group=unit.name)
+                    skipped = any(r.state == StageState.SKIPPED for r in
+                                  run.ledger.records(step, site, group=unit.name))  # fmt: skip
+                    measured["done"] += bool(skipped or (arrive is not None and arrive.done))
+        ends = [
+            r.finished
+            for r in run.ledger.records()
+            if r.finished and record.finished and r.finished >= record.finished
+            and r.stage not in ("reference", "report")
+        ]  # fmt: skip
+        measured["finish_s"] = round(max(ends) - record.finished, 1) if ends else None
+        retire = run.ledger.get(CAMPAIGN, CAMPAIGN, "retire", group=f"r{number}")
+        info["measured"] = measured
+        info["retired"] = dict(retire.figures) if retire is not None else None
+        out.append(info)
+    return out
+
+
 def _plots(run: Any, out_dir: Path, matrix: dict[tuple[str, str], int]) -> list[str]:
     import matplotlib
 
@@ -353,8 +399,13 @@ def _plots(run: Any, out_dir: Path, matrix: dict[tuple[str, str], int]) -> list[
     if partition.exists():
         shutil.copyfile(partition, out_dir / "partition.png")
         files.append("partition.png")
-    # Timeline: one row per site, one bar per step (first stage start -> last stage end).
-    sites = run.spec.site_names
+    for number in range(1, run.revision.number + 1):
+        picture = run.workdir / f"plan-r{number}" / "replan.png"
+        if picture.exists():
+            shutil.copyfile(picture, out_dir / f"replan-r{number}.png")
+            files.append(f"replan-r{number}.png")
+    # Timeline: one row per site (the lost ones too), one bar per step.
+    sites = run.base_spec.site_names
     steps = run.spec.step_names
     records = [r for r in run.ledger.records() if r.started and r.finished]
     if records:
@@ -446,6 +497,45 @@ def _markdown(run: Any, data: dict[str, Any], tests: list[TestResult], files: li
         f"exactly the planned set: {b['overlap_pvis_as_planned']}). Nominal PVI size; the demo's "
         f"mock files moved {b['mock_bytes_moved']:,} bytes in all."
     )
+    if data.get("plan_revision"):
+        lines.append(
+            f"After plan revision {data['plan_revision']} the planned set is the revision's; "
+            "the lost site's PVIs that its new owners staged from the hub are not in it (a "
+            "plan homes each visit at one site), so they count as unplanned."
+        )
+
+    def changes(moved: dict[str, dict[str, str]]) -> str:
+        return ", ".join(f"{k} ({c['from']} -> {c['to']})" for k, c in moved.items()) or "none"
+
+    for rev in data.get("revisions", []):
+        m, b = rev["measured"], rev["bytes"]
+        lines += [
+            "",
+            f"## Plan revision {rev['revision']}: without {', '.join(rev['without'])}",
+            "",
+            f"Why: {rev['reason']}. Tracts re-assigned: "
+            + changes(rev["moved"]["tracts"])
+            + "; visits re-homed: "
+            + changes(rev["moved"]["visits"])
+            + ".",
+            f"Kept (published before the loss): {', '.join(rev['kept']) or 'nothing'}.",
+            "",
+            "| | figure |",
+            "|---|---|",
+            f"| groups redone at the other sites | {m['done']} of {m['groups']} done |",
+            f"| files the failover moved (staged for redone groups) | {m['staged_files']:,} |",
+            f"| bytes the failover moved (mock files) | {m['staged_bytes']:,} |",
+            f"| overlap PVI bytes planned, first plan | {b['first_plan_planned']:,} |",
+            f"| overlap PVI bytes planned, this revision | {b['planned']:,} |",
+            f"| raw bytes planned at most (nominal) | {b['raws_at_most']:,} |",
+            f"| wall time from the re-plan to the campaign's end | {m['finish_s']} s |",
+        ]  # fmt: skip
+        if rev.get("retired"):
+            r = rev["retired"]
+            lines.append(
+                f"\nOpen runs of the lost site: cancelled {len(r.get('cancelled', []))}, "
+                f"unanswered {len(r.get('unanswered', []))}."
+            )
     for t in tests:
         lines += ["", f"## {t.name}: {'PASS' if t.passed else 'FAIL'}", "", t.detail, ""]
         lines.append("```json")
@@ -493,6 +583,8 @@ def write_milestone(run: Any, verification: Any, out_dir: str | Path) -> Milesto
         "bytes": bytes_figures,
         "rate": {"visits_per_hour": rate["visits_per_hour"], "quanta_per_s": rate["quanta_per_s"]},
         "transfer_matrix": {f"{s}->{d}": b for (s, d), b in sorted(matrix.items())},
+        "plan_revision": run.revision.number,
+        "revisions": _revisions(run),
     }
     files = _plots(run, out, matrix)
     markdown = _markdown(run, data, tests, files)

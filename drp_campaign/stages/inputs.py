@@ -40,8 +40,10 @@ def stage_inputs(run: CampaignRun, unit: WorkUnit) -> dict[str, Any]:
 
     if unit.site == run.hub:
         return {"files": 0, "bytes": 0, "runs": []}
-    if not run.needs_probe(unit.step):
-        # Everything the step reads is a campaign input or was made at this site.
+    if unit.group.revision == 0 and not run.needs_probe(unit.step):
+        # Everything the step reads is a campaign input or was made at this site. Not so for a
+        # re-plan's group: its visits were homed at the lost site, whose published products
+        # (and raws) are at the hub only.
         return {"files": 0, "bytes": 0, "runs": [], "probe": False}
     # Everything published (if anything yet) and the campaign's inputs.
     hub_inputs = [run.input_chain()]
