@@ -22,12 +22,18 @@ from prefect.artifacts import (
 
 from drp_campaign.campaign import SiteStepFailed, SiteStepResult
 from drp_campaign.ledger import SiteStepBusy
-from tasks.campaign import distribute_inputs, plan_campaign, setup_site
+from tasks.campaign import (
+    distribute_inputs,
+    plan_campaign,
+    replan_campaign,
+    retire_lost_sites,
+    setup_site,
+)
 from tasks.runtime import campaign_run
 
 from .tuning import no_heartbeat, stage_task
 
-__all__ = ["drp_campaign_flow", "drp_plan", "drp_site_step", "drp_step"]
+__all__ = ["drp_campaign_flow", "drp_plan", "drp_replan", "drp_site_step", "drp_step"]
 
 
 @flow(name="drp-plan", flow_run_name="plan {spec}")
@@ -48,6 +54,40 @@ def drp_plan(
         Workers of the local cluster.
     """
     return plan_campaign(spec, workdir, dask_address, workers)
+
+
+@flow(name="drp-replan", flow_run_name="replan {spec} without {without}")
+def drp_replan(
+    spec: str, workdir: str, without: list[str], reason: str | None = None
+) -> dict[str, Any]:
+    """Re-plan a campaign without sites lost for good, then cancel their open runs.
+
+    The next plan revision gives the lost sites' patches and visits to the others, keeps what
+    they published, and cuts their unpublished work into new groups at the new owners. Rerun
+    ``drp-campaign`` (or ``drp-step``) afterwards to finish on it.
+
+    Parameters
+    ----------
+    spec : `str`
+        Campaign spec path (every site, the lost ones too).
+    workdir : `str`
+        Work directory.
+    without : `list` [`str`]
+        The lost sites (``-p without='["UKDF"]'``).
+    reason : `str`, optional
+        Why, for the ledger and the report.
+    """
+    info = replan_campaign(spec, workdir, without, reason)
+    retired = retire_lost_sites(spec, workdir)
+    get_run_logger().info(
+        "plan revision %s without %s: %s tract(s) and %s visit(s) moved; open runs %s",
+        info["revision"],
+        ", ".join(info["without"]),
+        len(info["moved"]["tracts"]),
+        len(info["moved"]["visits"]),
+        retired or "none",
+    )
+    return {"revision": info, "retired": retired}
 
 
 def _campaign_name(spec: str) -> str:
@@ -152,7 +192,8 @@ def drp_site_step(
     run = campaign_run(spec, workdir)
     if site not in run.sites_of(step):
         raise ValueError(
-            f"{step} runs at {', '.join(run.sites_of(step))} only (placement "
+            run.lost_site_message(site)
+            or f"{step} runs at {', '.join(run.sites_of(step))} only (placement "
             f"'{run.spec.step(step).placement}'), not at {site}"
         )
     groups = [group] if group else None
@@ -197,10 +238,15 @@ def drp_step(spec: str, step: str, workdir: str, sites: list[str] | None = None)
     run = campaign_run(spec, workdir)
     targets = run.sites_of(step)
     if sites:
+        lost = [m for s in sites if (m := run.lost_site_message(s))]
+        if lost:
+            raise ValueError("; ".join(lost))
         unknown = sorted(set(sites) - set(run.spec.site_names))
         if unknown:
             raise ValueError(f"unknown site(s) {unknown}; the spec has {run.spec.site_names}")
         targets = [s for s in targets if s in sites]
+    if run.lost:
+        retire_lost_sites(spec, workdir)  # once per revision (the ledger); never waits
     # Sites run in threads, each with a copy of this flow's context so that its subflow run is
     # recorded as a child of this one.
     with ThreadPoolExecutor(max_workers=max(len(targets), 1)) as pool:
@@ -284,6 +330,8 @@ def drp_campaign_flow(
     for site in run.spec.site_names:
         setup_site(spec, workdir, site)
     distribute_inputs(spec, workdir)
+    if run.lost:
+        retire_lost_sites(spec, workdir)
     results: dict[str, Any] = {}
     todo = list(steps or run.spec.step_names)
     progress = _progress_artifact(run.spec.campaign)

@@ -31,3 +31,20 @@ def setup_site(spec_path: str, workdir: str, site: str) -> dict[str, Any]:
 def distribute_inputs(spec_path: str, workdir: str) -> dict[str, Any]:
     """Replicate calibrations and each site's raws; ingest them on arrival."""
     return campaign_run(spec_path, workdir).distribute_inputs()
+
+
+@task(name="replan", task_run_name="replan without {without}")
+def replan_campaign(
+    spec_path: str, workdir: str, without: list[str], reason: str | None = None
+) -> dict[str, Any]:
+    """Write the next plan revision without the lost sites (`drp_campaign.replan.replan`)."""
+    from drp_campaign.model.spec import load_spec
+    from drp_campaign.replan import replan
+
+    return replan(load_spec(spec_path), workdir, without, reason=reason, spec_label=spec_path)
+
+
+@task(name="retire-lost-sites", task_run_name="cancel the lost sites' open runs")
+def retire_lost_sites(spec_path: str, workdir: str) -> dict[str, Any]:
+    """Cancel the lost sites' open workload runs where they still answer; never wait for them."""
+    return campaign_run(spec_path, workdir).retire_lost()

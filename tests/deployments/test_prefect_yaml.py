@@ -15,7 +15,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 PREFECT_YAML = ROOT / "deployments" / "prefect.yaml"
-EXPECTED = {"drp-campaign", "drp-step", "drp-site-step", "drp-plan"}
+EXPECTED = {"drp-campaign", "drp-step", "drp-site-step", "drp-plan", "drp-replan"}
 
 
 def _deployments() -> list[dict[str, Any]]:
@@ -28,7 +28,7 @@ def _flow(entrypoint: str) -> Any:
     return getattr(module, name)
 
 
-def test_the_four_flows_are_deployed_as_default() -> None:
+def test_the_five_flows_are_deployed_as_default() -> None:
     names = {(_flow(d["entrypoint"]).name, d["name"]) for d in _deployments()}
     assert names == {(flow, "default") for flow in EXPECTED}
 

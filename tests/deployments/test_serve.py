@@ -95,6 +95,17 @@ def test_serve_then_rerun_one_step_at_one_site(tmp_path: Path) -> None:
         )  # fmt: skip
         assert ran.returncode == 0, ran.stdout[-3000:] + ran.stderr[-3000:]
         assert "Completed" in ran.stdout
+        # UKDF is lost for good: the operator re-plans without it from a deployment.
+        replanned = subprocess.run(
+            [
+                str(BIN / "prefect"), "deployment", "run", "drp-replan/default",
+                "-p", 'without=["UKDF"]', "-p", "reason=UKDF storage lost",
+                "-p", f"spec={spec_path}", "-p", f"workdir={workdir}",
+                "--watch", "--watch-timeout", "600",
+            ],
+            env=env, capture_output=True, text=True, timeout=700,
+        )  # fmt: skip
+        assert replanned.returncode == 0, replanned.stdout[-3000:] + replanned.stderr[-3000:]
         flow_run_logs = _flow_run_logs(env)
     finally:
         stopped = subprocess.run([*serve, "stop"], capture_output=True, text=True, timeout=120)
@@ -105,6 +116,12 @@ def test_serve_then_rerun_one_step_at_one_site(tmp_path: Path) -> None:
     assert {site for site, _ in step3} == {"FrDF"}, step3
     assert set(step3.values()) == {"DONE"}
     assert [r for r in ledger.records("step4")] == []
+    revision = ledger.get("*", "*", "replan", group="r1")
+    assert revision is not None and revision.done
+    assert revision.figures["without"] == ["UKDF"]
+    assert revision.figures["reason"] == "UKDF storage lost"
+    assert (workdir / "plan-r1" / "groups.json").exists()
+    assert "step3@UKDF" not in json.loads((workdir / "plan-r1" / "groups.json").read_text())
     # Secrets: nowhere in what the campaign or the server wrote, nor in any log line.
     logs = [("flow-run logs", "\n".join(flow_run_logs))]
     assert flow_run_logs, "no flow-run logs were read back"
