@@ -49,7 +49,13 @@ from .model.partition import SHARE_TOLERANCE, Partition, partition_patches
 from .model.sky import sky_map_for
 from .model.spec import CampaignSpec, SkymapSpec
 from .model.survey import survey_from_spec
-from .model.transfers import NOMINAL_BYTES, detector_needs, transfer_rows, visit_costs
+from .model.transfers import (
+    NOMINAL_BYTES,
+    detector_needs,
+    link_bytes,
+    transfer_rows,
+    visit_costs,
+)
 
 __all__ = ["PLAN_FILES", "PlanResult", "dask_client", "run_plan"]
 
@@ -610,12 +616,7 @@ def _summary(
             "lower_bound": lower,
             "naive_round_robin": naive,
             "planned_over_lower_bound": round(ratio, 6),
-            "links": {
-                f"{a}->{b}": int(links[i, j]) * pvi
-                for i, a in enumerate(sites)
-                for j, b in enumerate(sites)
-                if i != j and links[i, j]
-            },
+            "links": link_bytes(sites, links),
         },
         "work_share": {
             s: {

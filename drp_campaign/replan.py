@@ -41,7 +41,13 @@ from .model.replan import (
 from .model.sky import sky_map_for
 from .model.spec import CampaignSpec
 from .model.staging import reads_only_campaign_inputs
-from .model.transfers import NOMINAL_BYTES, detector_needs, transfer_rows, visit_costs
+from .model.transfers import (
+    NOMINAL_BYTES,
+    detector_needs,
+    link_bytes,
+    transfer_rows,
+    visit_costs,
+)
 
 __all__ = ["ReplanError", "Revision", "current_revision", "replan"]
 
@@ -248,7 +254,10 @@ def replan(
     tmp = root / f".{plan_dirname(number)}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    os.link(old_dir / "overlaps.parquet", tmp / "overlaps.parquet")  # unchanged: shared
+    try:  # unchanged: shared with the revision before (the largest file of a plan)
+        os.link(old_dir / "overlaps.parquet", tmp / "overlaps.parquet")
+    except OSError:  # a file system without hard links
+        shutil.copyfile(old_dir / "overlaps.parquet", tmp / "overlaps.parquet")
     ptract, ppatch = split_patch_key(keys)
     patches_out = pd.DataFrame({"tract": ptract, "patch": ppatch, "site": moved.owner.astype(str)})
     pq.write_table(pa.Table.from_pandas(patches_out, preserve_index=False), tmp / "patches.parquet")
@@ -363,12 +372,7 @@ def replan(
         },
         "bytes": {
             "planned": planned,
-            "links": {
-                f"{a}->{b}": int(links[i, j]) * pvi
-                for i, a in enumerate(sites)
-                for j, b in enumerate(sites)
-                if i != j and links[i, j]
-            },
+            "links": link_bytes(sites, links),
         },
         "work_share": {
             s: {

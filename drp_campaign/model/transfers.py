@@ -7,6 +7,7 @@ traffic is counted; publishing every PVI to the hub happens anyway.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,6 +20,7 @@ __all__ = [
     "DetectorNeeds",
     "detector_needs",
     "visit_costs",
+    "link_bytes",
     "transfer_rows",
 ]
 
@@ -132,3 +134,14 @@ def transfer_rows(
     b = np.concatenate(dst)
     order = np.lexsort((b, d, v))
     return v[order], d[order], a[order], b[order]
+
+
+def link_bytes(sites: Sequence[str], links: np.ndarray) -> dict[str, int]:
+    """PVIs per (source, destination) site as nominal bytes, ``"A->B"`` -> bytes (non-zero)."""
+    pvi = NOMINAL_BYTES["pvi"]
+    return {
+        f"{a}->{b}": int(links[i, j]) * pvi
+        for i, a in enumerate(sites)
+        for j, b in enumerate(sites)
+        if i != j and links[i, j]
+    }

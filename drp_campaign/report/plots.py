@@ -35,6 +35,12 @@ _MAX_PATCHES_DRAWN = 40_000
 _MAX_CROSSING_DRAWN = 20_000
 
 
+def _mean_ra(ra: np.ndarray) -> float:
+    """The circular mean of right ascensions (degrees), the centre the pictures unwrap around."""
+    r = np.radians(ra)
+    return float(np.degrees(np.arctan2(np.sin(r).mean(), np.cos(r).mean())) % 360.0)
+
+
 def _unwrap(ra: np.ndarray, centre: float) -> np.ndarray:
     """RA continuous around ``centre`` (so a field across RA 0 is not torn in two)."""
     return centre + ((ra - centre + 180.0) % 360.0) - 180.0
@@ -62,14 +68,7 @@ def plot_partition(plan_dir: Path, sky: RingsSkyMap, instrument: str) -> Path:
     visits = pq.read_table(plan_dir / "visits.parquet").to_pandas()
     sites = list(dict.fromkeys(_site_order(plan_dir)))
     colour = {s: SITE_COLOURS[i % len(SITE_COLOURS)] for i, s in enumerate(sites)}
-    centre = float(
-        np.degrees(
-            np.arctan2(
-                np.sin(np.radians(visits["ra"])).mean(), np.cos(np.radians(visits["ra"])).mean()
-            )
-        )
-        % 360.0
-    )
+    centre = _mean_ra(visits["ra"].to_numpy())
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(16, 7.5), dpi=100, sharex=True, sharey=True)
 
     # Patches (or whole tracts when there are too many patches to draw legibly).
@@ -286,15 +285,7 @@ def plot_replan(before_dir: Path, after_dir: Path, sky: RingsSkyMap) -> Path:
     order = list(json.loads(first.read_text())["sites"]) if first.exists() else []
     order += [s for s in dict.fromkeys([*before["site"], *after["site"]]) if s not in order]
     colour = {s: SITE_COLOURS[i % len(SITE_COLOURS)] for i, s in enumerate(order)}
-    centre = float(
-        np.degrees(
-            np.arctan2(
-                np.sin(np.radians(visits_a["ra"])).mean(),
-                np.cos(np.radians(visits_a["ra"])).mean(),
-            )
-        )
-        % 360.0
-    )
+    centre = _mean_ra(visits_a["ra"].to_numpy())
     merged = before.merge(after, on=["tract", "patch"], suffixes=("_before", "_after"))
     moved = merged["site_before"] != merged["site_after"]
     by_tract = len(merged) > _MAX_PATCHES_DRAWN
