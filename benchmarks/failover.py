@@ -19,9 +19,12 @@ Figures (JSON keys), from the plan summaries and ``report/milestone.json``:
   revision may need to move (nominal);
 - ``failover_files``, ``failover_bytes``: what the redone groups staged (measured, the demo's
   mock files);
-- ``moved_bytes``, ``planned_bytes``: the report's measured and planned bytes for the whole
-  campaign; ``moved_tracts``, ``rehomed_visits``, ``kept_groups``, ``redone_groups``;
-- ``finish_s``, ``replan_s``, ``first_steps_s``; ``equal_to_single_site``, ``missing``,
+- ``moved_bytes``, ``planned_bytes``: the report's measured (overlap PVIs at nominal size) and
+  planned bytes for the whole campaign; ``mock_bytes_moved``: every mock file it moved;
+  ``moved_tracts``, ``rehomed_visits``, ``kept_groups``, ``redone_groups``;
+- ``finish_s``, ``replan_s``, ``first_steps_s``; ``ledger_finish_s``: from the re-plan to the
+  last campaign stage in the ledger (``finish_s`` also holds the single-site reference run,
+  the comparison and the report); ``equal_to_single_site``, ``missing``,
   ``duplicated``; ``load_average`` before and after (``noisy`` when above the cores).
 
 Usage: python benchmarks/failover.py [--quick] [--visits N] [--lost SITE] [--no-prefect]
@@ -99,6 +102,8 @@ def measure(visits: int, lost: str, prefect: bool, keep: bool) -> dict[str, Any]
             "failover_files": revision["measured"]["staged_files"],
             "failover_bytes": revision["measured"]["staged_bytes"],
             "moved_bytes": report["bytes"]["moved"],
+            "mock_bytes_moved": report["bytes"]["mock_bytes_moved"],
+            "ledger_finish_s": revision["measured"]["finish_s"],
             "planned_bytes": report["bytes"]["planned"],
             "moved_tracts": revision["moved"]["tracts"],
             "rehomed_visits": revision["moved"]["visits"],
@@ -138,8 +143,10 @@ def main() -> None:
         f"  failover moved {fig['failover_files']} files, {fig['failover_bytes']:,} bytes "
         f"(mock); overlap PVIs planned: first plan {fig['first_plan_planned_bytes']:,}, "
         f"revision {fig['revision_planned_bytes']:,} (nominal)\n"
-        f"  whole campaign: moved {fig['moved_bytes']:,}, planned {fig['planned_bytes']:,}\n"
-        f"  replan {fig['replan_s']} s; finish after it {fig['finish_s']} s "
+        f"  whole campaign: moved {fig['moved_bytes']:,}, planned {fig['planned_bytes']:,} "
+        f"(nominal); mock files {fig['mock_bytes_moved']:,} bytes\n"
+        f"  replan {fig['replan_s']} s; finish after it {fig['finish_s']} s with the reference "
+        f"and report, {fig['ledger_finish_s']} s of campaign stages "
         f"(steps 1-2 before: {fig['first_steps_s']} s)\n"
         f"  equal to single site: {fig['equal_to_single_site']} (missing {fig['missing']}, "
         f"duplicated {fig['duplicated']}); tests {fig['tests']}\n"
