@@ -192,6 +192,52 @@ def validate(spec: Annotated[Path, typer.Argument(help="Campaign spec YAML.")]) 
 
 
 @app.command()
+def preflight(
+    spec: Annotated[Path, typer.Argument(help="Campaign spec YAML.")],
+    workdir: Annotated[Path, typer.Option("--workdir", help="Work directory.")] = Path("demo"),
+    dask_address: Annotated[
+        str | None, typer.Option("--dask-address", help="The Dask scheduler the run will use.")
+    ] = None,
+    token_margin_hours: Annotated[
+        float,
+        typer.Option("--token-margin-hours", min=0, help="How long PanDA tokens must last."),
+    ] = 12.0,
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="Also write the rows to this JSON file.")
+    ] = None,
+) -> None:
+    """Check every site before anything moves: one row per (site, check); exit 1 on a FAIL.
+
+    Reads the sites' DataFacility Blocks from PREFECT_API_URL (none saved: the embedded
+    default under WORKDIR).
+    """
+    from tasks.runtime import preflight_campaign
+
+    from .model.preflight import Status
+
+    campaign = _load(spec)
+    with err_console.status(f"preflight of {campaign.campaign} ({len(campaign.sites)} sites)"):
+        report = preflight_campaign(
+            spec, workdir, dask_address=dask_address, token_margin_hours=token_margin_hours
+        )
+    colour = {Status.PASS: "green", Status.FAIL: "bold red", Status.SKIP: "yellow"}
+    table = Table(title=f"Preflight of {campaign.campaign}", show_lines=False)
+    for col in ("site", "check", "status", "value", "fix"):
+        table.add_column(col, overflow="fold")
+    for c in report.checks:
+        table.add_row(
+            c.site, c.check, f"[{colour[c.status]}]{c.status}[/]", c.value, c.fix, style=None
+        )
+    # Wide enough for a path and a fix per row even when piped (rich assumes 80 columns).
+    console.print(table, width=max(console.width, 160))
+    console.print(report.summary(), highlight=False)
+    if json_out is not None:
+        json_out.write_text(json.dumps(report.rows(), indent=1) + "\n")
+    if not report.passed:
+        raise typer.Exit(1)
+
+
+@app.command()
 def seed(
     spec: Annotated[Path, typer.Argument(help="Campaign spec YAML (a preset or CSV survey).")],
     repo: Annotated[
@@ -298,6 +344,7 @@ def run(
             )
             raise typer.Exit(EXIT_USAGE)
     from .backends.repos import RepoError
+    from .preflight import PreflightFailed
 
     try:
         if prefect:
@@ -309,6 +356,10 @@ def run(
             )
         else:
             result = _run_plain(campaign, workdir, steps, verify)
+    except PreflightFailed as exc:
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        err_console.print("run 'drp-campaign preflight' for every row; nothing was moved")
+        raise typer.Exit(1) from None
     except RepoError as exc:
         # A repository the Blocks name that is missing or lacks what the campaign reads: the
         # message names the repository, what is wrong and the fix.

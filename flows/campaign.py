@@ -25,6 +25,7 @@ from drp_campaign.ledger import SiteStepBusy
 from tasks.campaign import (
     distribute_inputs,
     plan_campaign,
+    preflight_task,
     replan_campaign,
     retire_lost_sites,
     setup_site,
@@ -308,7 +309,7 @@ def drp_campaign_flow(
     dask_address: str | None = None,
     verify: bool = True,
 ) -> dict[str, Any]:
-    """Run a whole campaign: plan, set up sites, distribute inputs, every step, report.
+    """Run a whole campaign: preflight, plan, set up sites, distribute inputs, every step, report.
 
     Parameters
     ----------
@@ -325,6 +326,8 @@ def drp_campaign_flow(
     """
     from tasks.report import report_task
 
+    # Every site checked before anything is planned, written or moved (PreflightFailed).
+    preflight_task(spec, workdir, dask_address)
     _subflow(drp_plan, spec, workdir, dask_address)
     run = campaign_run(spec, workdir)
     for site in run.spec.site_names:

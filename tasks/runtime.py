@@ -19,7 +19,14 @@ from drp_campaign.backends.factory import make_campaign_run
 from drp_campaign.campaign import CampaignRun
 from drp_campaign.model.spec import CampaignSpec, load_spec
 
-__all__ = ["campaign_run", "close_all", "dask_client", "load_facilities"]
+__all__ = [
+    "campaign_run",
+    "close_all",
+    "dask_client",
+    "load_facilities",
+    "preflight_campaign",
+    "site_repos",
+]
 
 _LOG = logging.getLogger(__name__)
 _LOCK = threading.RLock()
@@ -44,8 +51,17 @@ def dask_client(address: str | None = None, workers: int = DEFAULT_WORKERS) -> A
         return _CLIENTS[address][0]
 
 
-def load_facilities(spec: CampaignSpec) -> dict[str, Any]:
-    """Each site's `DataFacility` Block, or `None` where none was saved (embedded defaults)."""
+def load_facilities(spec: CampaignSpec, *, keep_errors: bool = False) -> dict[str, Any]:
+    """Each site's `DataFacility` Block, or `None` where none was saved (embedded defaults).
+
+    Parameters
+    ----------
+    spec : `CampaignSpec`
+        The campaign.
+    keep_errors : `bool`
+        Return the exception of a Block that does not load (preflight reports it) instead
+        of raising it.
+    """
     try:
         from blocks import load_data_facility
     except ImportError:  # pragma: no cover - the blocks package ships with the project
@@ -54,14 +70,80 @@ def load_facilities(spec: CampaignSpec) -> dict[str, Any]:
     for site in spec.site_names:
         try:
             out[site] = load_data_facility(spec.campaign, site)
-        except ValueError as err:
+        except Exception as err:
             # Only a missing block means "embedded defaults"; a block that no longer
             # validates, or one saved for another site, is an operator error to report.
-            if "unable to find" not in str(err).lower() and "not found" not in str(err).lower():
+            text = str(err).lower()
+            if isinstance(err, ValueError) and ("unable to find" in text or "not found" in text):
+                _LOG.debug("no DataFacility block for %s (%s): embedded defaults", site, err)
+                out[site] = None
+            elif keep_errors:
+                out[site] = err
+            else:
                 raise
-            _LOG.debug("no DataFacility block for %s (%s): embedded defaults", site, err)
-            out[site] = None
     return out
+
+
+def site_repos(
+    spec: CampaignSpec, workdir: str | Path, facilities: dict[str, Any]
+) -> tuple[dict[str, str], dict[str, str]]:
+    """Each site's Butler repository and where it is named (its Block, or the embedded default).
+
+    Returns
+    -------
+    repos, sources : `dict` [`str`, `str`]
+        Site -> repository URI; site -> ``Block data-facility/...`` or the embedded default.
+    """
+    from drp_campaign.backends.repos import EMBEDDED_SOURCE
+    from drp_campaign.model.naming import data_facility_block
+    from drp_campaign.seed import embedded_repos
+
+    defaults = embedded_repos(spec, workdir)
+    repos, sources = {}, {}
+    for site in spec.site_names:
+        f = facilities.get(site)
+        named = f is not None and not isinstance(f, BaseException)
+        repos[site] = str(f.butler_repo) if f is not None and named else defaults[site]
+        sources[site] = (
+            f"Block {data_facility_block(spec.campaign, site)}" if named else EMBEDDED_SOURCE
+        )
+    return repos, sources
+
+
+def preflight_campaign(
+    spec_path: str | Path,
+    workdir: str | Path,
+    *,
+    dask_address: str | None = None,
+    token_margin_hours: float = 12.0,
+) -> Any:
+    """Preflight every site of a campaign as its run would see them (the current plan revision).
+
+    Returns
+    -------
+    report : `drp_campaign.model.preflight.PreflightReport`
+    """
+    from datetime import timedelta
+
+    from drp_campaign.model.replan import revised_spec
+    from drp_campaign.preflight import preflight_sites
+    from drp_campaign.replan import current_revision
+
+    revision = current_revision(workdir)
+    spec = revised_spec(load_spec(spec_path), revision.lost)
+    facilities = load_facilities(spec, keep_errors=True)
+    repos, sources = site_repos(spec, workdir, facilities)
+    return preflight_sites(
+        spec,
+        workdir,
+        facilities,
+        repos=repos,
+        blocks=sources,
+        dask_address=dask_address,
+        token_margin=timedelta(hours=token_margin_hours),
+        spec_path=spec_path,
+        plan_dir=revision.plan_dir,
+    )
 
 
 def campaign_run(
@@ -100,19 +182,14 @@ def campaign_run(
             for site, f in facilities.items()
             if f is not None and getattr(f, "workload_backend", "local") == "panda"
         }
-        from drp_campaign.model.naming import data_facility_block
-
+        # Where each site's repository is: its Block, nothing else (DESIGN.md section 10).
+        repos, sources = site_repos(spec, wd, facilities)
         run = make_campaign_run(
             spec,
             wd,
             dask_client(dask_address),
-            # Where each site's repository is: its Block, nothing else (DESIGN.md section 10).
-            repos={s: f.butler_repo for s, f in facilities.items() if f is not None},
-            repo_sources={
-                s: f"Block {data_facility_block(spec.campaign, s)}"
-                for s, f in facilities.items()
-                if f is not None
-            },
+            repos=repos,
+            repo_sources=sources,
             in_flight={s: f.groups_in_flight for s, f in facilities.items() if f is not None},
             rucio=rucio,
             panda={site: c.panda_settings(site) for site, c in on_panda.items()},

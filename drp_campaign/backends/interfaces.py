@@ -367,6 +367,18 @@ class DataCatalog(Protocol):
         """Names of all RSEs, sorted."""
         ...
 
+    def rse_writable(self, name: str) -> bool:
+        """Whether an RSE accepts new replicas (Rucio's ``availability_write``)."""
+        ...
+
+    def set_rse_writable(self, name: str, writable: bool) -> None:
+        """Open an RSE for writing or make it read-only (an operator's or admin's act)."""
+        ...
+
+    def whoami(self) -> str:
+        """Who the catalog knows us as: checks that it answers and authenticates."""
+        ...
+
     def add_scope(self, scope: str) -> None:
         """Declare a scope (idempotent)."""
         ...

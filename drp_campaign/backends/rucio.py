@@ -463,6 +463,41 @@ class RucioCatalog:
         with _translate("cannot list RSEs"):
             return sorted(str(r["rse"]) for r in self.client.list_rses())
 
+    def rse_writable(self, name: str) -> bool:
+        """Whether an RSE accepts new replicas: its ``availability_write``.
+
+        Parameters
+        ----------
+        name : `str`
+            RSE name.
+
+        Returns
+        -------
+        writable : `bool`
+        """
+        with _translate(f"RSE {name!r} not found"):
+            info = self.client.get_rse(name)
+        return bool(info.get("availability_write", True))
+
+    def set_rse_writable(self, name: str, writable: bool) -> None:
+        """Set an RSE's ``availability_write`` (needs an account allowed to update RSEs).
+
+        Parameters
+        ----------
+        name : `str`
+            RSE name.
+        writable : `bool`
+            The new setting.
+        """
+        with _translate(f"cannot update RSE {name}"):
+            self.client.update_rse(name, {"availability_write": bool(writable)})
+
+    def whoami(self) -> str:
+        """The account Rucio authenticated (``rucio whoami``), with the server's host."""
+        with _translate("Rucio whoami"):
+            info = self.client.whoami()
+        return f"account {info.get('account')} at {getattr(self.client, 'host', '?')}"
+
     def _check_expression(self, expression: str) -> tuple[str, ...]:
         # Rucio silently drops unknown names from a union ("A|NOWHERE" means "A"): refuse them.
         rses = parse_rse_expression(expression)

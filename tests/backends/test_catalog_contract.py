@@ -186,6 +186,20 @@ def test_register_attach_close(env: CatalogEnv) -> None:
     cat.attach(ds, [files[0].did])  # already attached: a no-op even when closed
 
 
+def test_whoami_and_read_only_rses(env: CatalogEnv) -> None:
+    # What preflight reads: the catalog answers as someone, and an RSE an operator made
+    # read-only says so (Rucio's availability_write), until it is opened again.
+    assert env.catalog.whoami()
+    assert env.catalog.rse_writable(FRDF)
+    env.catalog.set_rse_writable(FRDF, False)
+    assert not env.catalog.rse_writable(FRDF)
+    assert env.catalog.rse_writable(UKDF)
+    env.catalog.set_rse_writable(FRDF, True)
+    assert env.catalog.rse_writable(FRDF)
+    with pytest.raises(RSENotFound):
+        env.catalog.rse_writable("NOWHERE_DISK")
+
+
 def test_registration_errors_name_the_did_and_rse(env: CatalogEnv) -> None:
     cat = env.catalog
     f = env.put(HUB, "f/x.fits", b"x" * 10)

@@ -70,6 +70,8 @@ DB_NAME = "catalog.sqlite3"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS rses (name TEXT PRIMARY KEY, root TEXT NOT NULL);
+-- Rucio's availability_write, for the RSEs an operator made read-only (absent: writable).
+CREATE TABLE IF NOT EXISTS rse_readonly (name TEXT PRIMARY KEY);
 CREATE TABLE IF NOT EXISTS scopes (scope TEXT PRIMARY KEY);
 CREATE TABLE IF NOT EXISTS dids (
     scope TEXT NOT NULL, name TEXT NOT NULL, type TEXT NOT NULL,
@@ -295,6 +297,53 @@ class EmbeddedCatalog:
         """Names of all RSEs, sorted."""
         with self._read() as c:
             return [r["name"] for r in c.execute("SELECT name FROM rses ORDER BY name")]
+
+    def rse_writable(self, name: str) -> bool:
+        """Whether an RSE accepts new replicas (see `set_rse_writable`).
+
+        Parameters
+        ----------
+        name : `str`
+            RSE name.
+
+        Returns
+        -------
+        writable : `bool`
+
+        Raises
+        ------
+        RSENotFound
+            If there is no such RSE.
+        """
+        with self._read() as c:
+            self._root(c, name)
+            return c.execute("SELECT 1 FROM rse_readonly WHERE name=?", (name,)).fetchone() is None
+
+    def set_rse_writable(self, name: str, writable: bool) -> None:
+        """Make an RSE read-only, or writable again (Rucio's ``availability_write``).
+
+        The flag is what preflight reads; the embedded transfer worker does not refuse a
+        read-only RSE (Rucio's rule engine does).
+
+        Parameters
+        ----------
+        name : `str`
+            RSE name.
+        writable : `bool`
+            The new setting.
+        """
+        with self._write() as c:
+            self._root(c, name)
+            if writable:
+                c.execute("DELETE FROM rse_readonly WHERE name=?", (name,))
+            else:
+                c.execute("INSERT OR IGNORE INTO rse_readonly (name) VALUES (?)", (name,))
+
+    def whoami(self) -> str:
+        """The embedded catalog needs no account: its database, which answered."""
+        with self._read() as c:
+            c.execute("SELECT 1").fetchone()
+        return f"embedded catalog {self.path}"
 
     def add_scope(self, scope: str) -> None:
         """Declare a scope (idempotent).
