@@ -22,7 +22,9 @@ from blocks import PandaCredentials, data_facility_document_name, embedded_data_
 from drp_campaign.backends.ingest import storage_root
 from drp_campaign.backends.local.catalog import EmbeddedCatalog
 from drp_campaign.model.spec import load_spec
+from drp_campaign.preflight import PreflightFailed
 from drp_campaign.seed import seed_embedded
+from flows.campaign import drp_campaign_flow
 
 from ..panda_server import PandaTestServer, free_port
 from .conftest import Server
@@ -100,6 +102,11 @@ def test_preflight_passes_then_names_three_faults(prefect_api: Server, tmp_path:
         dead = f"http://127.0.0.1:{free_port()}/server/panda"
         save(dead)
         rc, output, rows = _preflight(spec_path, work, prefect_api, tmp_path / "bad.json")
+        # The campaign flow stops at its first task: nothing planned, set up or moved.
+        with pytest.raises(PreflightFailed, match=r"FrDF butler: .*Fix: "):
+            drp_campaign_flow(str(spec_path), str(work), verify=False)
+    assert not (work / "plan").exists() and not (work / "ledger.sqlite").exists()
+    assert EmbeddedCatalog(work / "catalog").list_rses() == ["UKDF_RAW_DISK"]
     assert rc == 1, output
     failed = {(r["site"], r["check"]): r for r in rows if r["status"] == "FAIL"}
     assert set(failed) == {("FrDF", "butler"), ("UKDF", "rse:UKDF_RAW_DISK"), ("USDF", "workload")}
