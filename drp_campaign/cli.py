@@ -229,8 +229,9 @@ def preflight(
             c.site, c.check, f"[{colour[c.status]}]{c.status}[/]", c.value, c.fix, style=None
         )
     # Wide enough for a path and a fix per row even when piped (rich assumes 80 columns).
-    console.print(table, width=max(console.width, 160))
-    console.print(report.summary(), highlight=False)
+    out = console if console.is_terminal else Console(width=max(console.width, 200))
+    out.print(table)
+    out.print(report.summary(), highlight=False)
     if json_out is not None:
         json_out.write_text(json.dumps(report.rows(), indent=1) + "\n")
     if not report.passed:

@@ -454,10 +454,25 @@ def _space_needed(spec: CampaignSpec, plan_dir: Path, visits: Any) -> tuple[dict
             return {}, "no plan yet, and the visits are in the hub's registry"
         per_site = {s: round(n * spec.shares[s]) for s in spec.site_names}
         links, source = {}, "the shares (no plan yet: raws only)"
-    needed = bytes_into_sites(
-        spec.site_names, spec.hub, NOMINAL_BYTES["raw_visit"], per_site, links
-    )
+    needed = bytes_into_sites(spec.site_names, spec.hub, _raw_visit_bytes(spec), per_site, links)
     return needed, source
+
+
+def _raw_visit_bytes(spec: CampaignSpec) -> int:
+    """Nominal raw bytes of one visit of the spec's instrument.
+
+    RTN-109's figure is an LSSTCam visit; a camera with fewer detectors (ComCam's 9) scales it
+    per detector. An instrument the focal-plane model does not know counts as LSSTCam: the
+    larger figure, so a shortfall is never hidden.
+    """
+    from .model.focalplane import focal_plane
+
+    per_detector = NOMINAL_BYTES["raw_visit"] / focal_plane("LSSTCam").n_detectors
+    try:
+        detectors = focal_plane(spec.instrument).n_detectors
+    except (KeyError, ValueError):
+        return NOMINAL_BYTES["raw_visit"]
+    return round(per_detector * detectors)
 
 
 def _space_row(site: _Site, needed: dict[str, int], source: str) -> Check:
