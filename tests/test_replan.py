@@ -58,7 +58,7 @@ def _hub_products(repo: Path, collection: str) -> pd.DataFrame:
 def test_a_site_lost_during_step3_is_replanned_and_the_campaign_equals_single_site(
     tmp_path: Path,
 ) -> None:
-    spec_path = _spec_file(tmp_path, visits=6)
+    spec_path = _spec_file(tmp_path, visits=4)
     spec = load_spec(spec_path)
     workdir = tmp_path / "work"
     seed_embedded(spec, workdir)
