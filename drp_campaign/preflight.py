@@ -143,9 +143,7 @@ def _probe_write(path: Path) -> str | None:
     A real write, not `os.access`: permissions, read-only mounts and quotas all show, for
     root too. Where ``path`` does not exist yet, its nearest existing parent is probed.
     """
-    target = Path(path)
-    while not target.exists() and target != target.parent:
-        target = target.parent
+    target = _existing(Path(path))
     if not target.is_dir():
         return f"{target} is not a directory"
     try:
@@ -347,16 +345,25 @@ def _rse_rows(site: _Site, catalog: Any, catalog_error: str | None, workdir: Pat
     return rows
 
 
-def _catalog_row(site: _Site, make: Callable[[Any], Any], shared: tuple[Any, str | None]) -> Check:
+@dataclass(frozen=True)
+class _Catalog:
+    """The campaign's catalog, asked ``whoami`` once for every site that shares it."""
+
+    client: Any
+    answer: str  # its whoami, or why it did not answer
+    ok: bool
+
+
+def _catalog_row(site: _Site, make: Callable[[Any], Any], shared: _Catalog) -> Check:
     rucio = site.field("rucio", None) if site.field("catalog_backend", "") == "rucio" else None
     try:
         if rucio is None:
-            catalog, error = shared
-            if error is not None:
-                raise RuntimeError(error)
+            if not shared.ok:
+                raise RuntimeError(shared.answer)
+            answer = shared.answer
         else:
-            catalog = make(rucio.client_settings())
-        return Check(site.name, "catalog", Status.PASS, catalog.whoami())
+            answer = make(rucio.client_settings()).whoami()
+        return Check(site.name, "catalog", Status.PASS, answer)
     except Exception as exc:
         return Check(
             site.name,
@@ -566,15 +573,12 @@ def preflight_sites(
     ]
     hub = sites[0]
     hub_rucio = hub.field("rucio", None) if hub.field("catalog_backend", "") == "rucio" else None
-    shared: tuple[Any, str | None]
     try:
-        campaign_catalog = make_catalog(
-            wd, hub_rucio.client_settings() if hub_rucio is not None else None
-        )
-        campaign_catalog.whoami()
-        shared = (campaign_catalog, None)
+        client = make_catalog(wd, hub_rucio.client_settings() if hub_rucio is not None else None)
+        shared = _Catalog(client, client.whoami(), True)
     except Exception as exc:
-        shared = (None, f"the campaign's catalog did not answer: {type(exc).__name__}: {exc}")
+        why = f"the campaign's catalog did not answer: {type(exc).__name__}: {exc}"
+        shared = _Catalog(None, why, False)
     needed, source = _space_needed(spec, plan_dir or wd / "plan", visits)
     hub_has: dict[str, bool] = {}
     for site in sites:
@@ -586,7 +590,7 @@ def preflight_sites(
             )
             continue
         rows.extend(_butler_rows(site, spec, spec.hub, hub_has))
-        rows.extend(_rse_rows(site, shared[0], shared[1], wd))
+        rows.extend(_rse_rows(site, shared.client, None if shared.ok else shared.answer, wd))
         rows.append(_catalog_row(site, lambda s: make_catalog(wd, s), shared))
         rows.extend(_workload_rows(site, wd, token_margin, now))
         rows.append(_space_row(site, needed, source))
